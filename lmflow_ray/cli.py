@@ -1,0 +1,128 @@
+"""`lmflow-ray <command>`: a thin layer over the library modules.
+
+Exit status: 0 success, 2 bad input or config (one clear message, no traceback), 1 bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmflow_ray.errors import UserError
+
+
+def cmd_data_validate(args) -> int:
+    from lmflow_ray.data.source import validate
+
+    s = validate(args.path, args.type)
+    print(f"type: {s.type}")
+    print(f"instances: {s.instances}")
+    print(f"files: {len(s.files)}")
+    for f in s.files:
+        print(f"  {f.path}: {f.instances} instances")
+    if s.trimmed:
+        print(f"note: {s.trimmed} conversations end with a user/tool turn; it is trimmed (nothing to learn)")
+    return 0
+
+
+def cmd_data_stats(args) -> int:
+    from lmflow_ray.data.stats import token_length_stats
+
+    stats = token_length_stats(args.path, args.model, dtype=args.type, template=args.template)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from lmflow_ray.models.zoo import cache_dir, is_model_dir, zoo_names
+
+    for name in zoo_names():
+        path = cache_dir() / name
+        print(f"{name:28s} {'cached at ' + str(path) if is_model_dir(path) else 'not fetched yet'}")
+    return 0
+
+
+def cmd_models_fetch(args) -> int:
+    from lmflow_ray.models.zoo import fetch_model
+
+    print(fetch_model(args.name, force=args.force))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lmflow_ray.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_finetune(args) -> int:
+    from lmflow_ray.train.run import finetune_main
+
+    return finetune_main(args.config, args.set)
+
+
+def cmd_merge_lora(args) -> int:
+    from lmflow_ray.models.peft_utils import merge_lora
+
+    print(merge_lora(args.base, args.adapter, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmflow-ray", description="Adapt foundation models end to end on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="validate and inspect LMFlow datasets").add_subparsers(dest="data_cmd", required=True)
+    v = data.add_parser("validate", help="check a dataset file or directory")
+    v.add_argument("path")
+    v.add_argument("--type", help="dataset type for .jsonl files of bare instances")
+    v.set_defaults(func=cmd_data_validate)
+    s = data.add_parser("stats", help="token-length percentiles after templating")
+    s.add_argument("path")
+    s.add_argument("--model", required=True, help="zoo name or model directory (its tokenizer is used)")
+    s.add_argument("--type")
+    s.add_argument("--template", help="conversation template (default: the tokenizer's own)")
+    s.set_defaults(func=cmd_data_stats)
+
+    models = sub.add_parser("models", help="the model zoo").add_subparsers(dest="models_cmd", required=True)
+    models.add_parser("list", help="zoo models and where they are cached").set_defaults(func=cmd_models_list)
+    f = models.add_parser("fetch", help="build a zoo model into the cache and print its path")
+    f.add_argument("name")
+    f.add_argument("--force", action="store_true", help="rebuild even when cached")
+    f.set_defaults(func=cmd_models_fetch)
+
+    ft = sub.add_parser("finetune", help="pretraining / SFT / LoRA / LISA on Ray Train + DeepSpeed")
+    ft.add_argument("--config", required=True)
+    ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ft.set_defaults(func=cmd_finetune)
+
+    m = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model")
+    m.add_argument("--base", required=True)
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge_lora)
+
+    d = sub.add_parser("demo", help="fetch the default model, chat with it, finetune it briefly")
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    d.add_argument("--skip-train", action="store_true", help="only fetch and chat")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        for line in e.details:
+            print(f"error: {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

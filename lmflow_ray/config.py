@@ -1,0 +1,151 @@
+"""Typed job configs: YAML files plus `--set a.b=c` overrides, validated by pydantic.
+
+Every job config has `model` (zoo name or path), `data` (a path or `{path, type, ...}`)
+and `output_dir`. Unknown keys, wrong types and impossible combinations are reported as
+one `UserError` line naming the file and the key, before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from lmflow_ray.errors import UserError
+
+TEMPLATE_NAMES = (
+    "chatml", "llama3", "llama2", "qwen2", "phi3", "zephyr", "gemma", "deepseek",
+    "empty", "empty_no_special_tokens",
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where the training data lives and how it becomes token blocks."""
+
+    path: str
+    # Declared type; required for .jsonl files of bare instances, checked against .json files.
+    type: str | None = None
+    # Conversation template name; None uses the tokenizer's own chat_template.
+    template: str | None = None
+    # Longest sequence (and block size when packing).
+    max_length: int = 512
+    # Concatenate samples into max_length blocks. None: on for text_only, off otherwise.
+    packing: bool | None = None
+    # Fraction (0..1) or count of instances held out for evaluation.
+    eval_split: float = 0.0
+    shuffle_seed: int = 0
+
+    @field_validator("max_length")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 8:
+            raise ValueError("must be >= 8")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, v: str | None) -> str | None:
+        if v is not None and v not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown template '{v}'; known: {', '.join(TEMPLATE_NAMES)} (or omit it)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+
+class JobConfig(Strict):
+    """Fields every job shares."""
+
+    model: str
+    data: DataConfig
+    output_dir: str
+    seed: int = 42
+    trust_remote_code: bool = False
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set '{item}': expected key=value, e.g. --set train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set '{item}': empty key part; use dotted keys like train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if isinstance(node.get(k), str) and k == "data":
+                node[k] = {"path": node[k]}
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}; pass an existing YAML file with --config")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML ({problem}); fix the syntax at that position") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{p}: not UTF-8 text at byte {e.start}; save the config as UTF-8") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def format_validation_error(err: ValidationError, source: str) -> UserError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "missing required key"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: key '{key}': {msg}")
+    return UserError(lines[0], details=lines[1:])
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> C:
+    raw = read_yaml(path) if path else dict(base or {})
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, str(path) if path else "config") from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,234 @@
+"""The LMFlow dataset formats: per-instance checks and normalisation to a fixed schema.
+
+A file is `{"type": TYPE, "instances": [...]}` (or a `.jsonl` of bare instances whose
+type comes from config). `check_instance` lists what is wrong with one instance as
+`key: problem` strings; `normalize` turns a valid instance into a row of one fixed
+shape per type, so Ray Data blocks never disagree on their schema.
+
+Conversation rules follow LMFlow: an optional system prompt (the `system` key, or a
+leading `system` message, which is moved there), then turns that start with `user` and
+alternate user → assistant → user ...; `tool` turns may answer an assistant turn (tool
+calls) and precede the next assistant turn. A trailing user/tool turn has no answer to
+learn and is trimmed. Every turn needs non-empty content.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+TYPES = (
+    "text_only",
+    "text2text",
+    "conversation",
+    "paired_conversation",
+    "paired_text_to_text",
+    "text_to_scored_textlist",
+    "image_text",
+)
+
+ROLES = ("user", "assistant", "tool")
+# role -> roles allowed to follow it
+NEXT_ROLE = {None: ("user",), "user": ("assistant",), "assistant": ("user", "tool"), "tool": ("tool", "assistant")}
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _tname(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number" if _is_number(v) else type(v).__name__
+    )
+
+
+def _need_str(inst: dict, key: str, problems: list[str], prefix: str = "", allow_empty: bool = True) -> None:
+    if key not in inst:
+        problems.append(f"key '{prefix}{key}': missing (a string is required)")
+    elif not _is_str(inst[key]):
+        problems.append(f"key '{prefix}{key}': expected a string, got {_tname(inst[key])}")
+    elif not allow_empty and not inst[key].strip():
+        problems.append(f"key '{prefix}{key}': empty string")
+
+
+def check_conversation(conv: Any, problems: list[str], prefix: str = "") -> None:
+    if not isinstance(conv, dict):
+        problems.append(f"key '{prefix.rstrip('.') or 'instance'}': expected an object, got {_tname(conv)}")
+        return
+    msgs = conv.get("messages")
+    if "messages" not in conv:
+        problems.append(f"key '{prefix}messages': missing (a list of {{role, content}} is required)")
+        return
+    if not isinstance(msgs, list):
+        problems.append(f"key '{prefix}messages': expected an array, got {_tname(msgs)}")
+        return
+    if not msgs:
+        problems.append(f"key '{prefix}messages': empty; a conversation needs at least one user turn")
+        return
+    if "system" in conv and conv["system"] is not None and not _is_str(conv["system"]):
+        problems.append(f"key '{prefix}system': expected a string or null, got {_tname(conv['system'])}")
+    if "tools" in conv and conv["tools"] is not None and not isinstance(conv["tools"], (list, str)):
+        problems.append(f"key '{prefix}tools': expected an array or string, got {_tname(conv['tools'])}")
+    prev = None
+    for j, m in enumerate(msgs):
+        where = f"{prefix}messages[{j}]"
+        if not isinstance(m, dict):
+            problems.append(f"key '{where}': expected an object with role and content, got {_tname(m)}")
+            return
+        role, content = m.get("role"), m.get("content")
+        if not _is_str(role):
+            problems.append(f"key '{where}.role': missing or not a string")
+            return
+        if j == 0 and role == "system":
+            if conv.get("system"):
+                problems.append(f"key '{where}.role': system prompt given twice (key 'system' and a system message)")
+                return
+            if not _is_str(content):
+                problems.append(f"key '{where}.content': expected a string, got {_tname(content)}")
+            continue
+        if role not in ROLES:
+            problems.append(f"key '{where}.role': unknown role '{role}'; use one of {', '.join(ROLES)}")
+            return
+        if role not in NEXT_ROLE[prev]:
+            expected = " or ".join(NEXT_ROLE[prev])
+            problems.append(
+                f"key '{where}.role': '{role}' out of order, expected {expected}"
+                + (" (conversations start with a user turn)" if prev is None else "")
+            )
+            return
+        if not _is_str(content):
+            problems.append(f"key '{where}.content': expected a string, got {_tname(content)}")
+            return
+        if not content.strip():
+            problems.append(f"key '{where}.content': empty content")
+            return
+        prev = role
+
+
+def check_instance(dtype: str, inst: Any) -> list[str]:
+    """Problems with one instance, each as "key 'k': what is wrong"; empty when valid."""
+    problems: list[str] = []
+    if not isinstance(inst, dict):
+        return [f"expected an object, got {_tname(inst)}"]
+    if dtype == "text_only":
+        _need_str(inst, "text", problems)
+    elif dtype == "text2text":
+        _need_str(inst, "input", problems)
+        _need_str(inst, "output", problems)
+    elif dtype == "conversation":
+        check_conversation(inst, problems)
+    elif dtype == "paired_conversation":
+        for side in ("chosen", "rejected"):
+            if side not in inst:
+                problems.append(f"key '{side}': missing (a conversation object is required)")
+            else:
+                check_conversation(inst[side], problems, prefix=f"{side}.")
+    elif dtype == "paired_text_to_text":
+        for key in ("prompt", "chosen", "rejected"):
+            _need_str(inst, key, problems)
+        if "margin" in inst and inst["margin"] is not None and not _is_number(inst["margin"]):
+            problems.append(f"key 'margin': expected a number, got {_tname(inst['margin'])}")
+    elif dtype == "text_to_scored_textlist":
+        _need_str(inst, "input", problems)
+        out = inst.get("output")
+        if "output" not in inst:
+            problems.append("key 'output': missing (a list of {text, score} is required)")
+        elif not isinstance(out, list) or not out:
+            problems.append(f"key 'output': expected a non-empty array of {{text, score}}, got {_tname(out)}")
+        else:
+            for j, o in enumerate(out):
+                if not isinstance(o, dict):
+                    problems.append(f"key 'output[{j}]': expected an object, got {_tname(o)}")
+                    continue
+                _need_str(o, "text", problems, prefix=f"output[{j}].")
+                if not _is_number(o.get("score")):
+                    problems.append(f"key 'output[{j}].score': expected a number, got {_tname(o.get('score'))}")
+    elif dtype == "image_text":
+        _need_str(inst, "image", problems, allow_empty=False)
+        if "messages" in inst:
+            check_conversation(inst, problems)
+        else:
+            _need_str(inst, "input", problems)
+            _need_str(inst, "output", problems)
+    else:
+        raise ValueError(f"unknown type {dtype}")
+    return problems
+
+
+def _normalize_conversation(conv: dict) -> dict:
+    msgs = list(conv["messages"])
+    system = conv.get("system") or ""
+    if msgs and msgs[0].get("role") == "system":
+        system = msgs[0].get("content") or ""
+        msgs = msgs[1:]
+    while msgs and msgs[-1]["role"] != "assistant":
+        msgs.pop()  # trailing user/tool turns have no answer to learn
+    tools = conv.get("tools")
+    return {
+        "system": system,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
+        "tools": tools if isinstance(tools, str) else (json.dumps(tools) if tools else ""),
+    }
+
+
+def prompt_messages(conv: dict) -> list[dict]:
+    """The prompt part of a conversation for generation: every turn up to the last user turn."""
+    msgs = [m for m in conv["messages"] if m.get("role") != "system"]
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs.pop()
+    return msgs
+
+
+def normalize(dtype: str, inst: dict) -> dict:
+    """A checked instance as a row of the fixed schema of its type."""
+    if dtype == "text_only":
+        return {"text": inst["text"]}
+    if dtype == "text2text":
+        return {"input": inst["input"], "output": inst["output"]}
+    if dtype == "conversation":
+        return _normalize_conversation(inst)
+    if dtype == "paired_conversation":
+        c, r = _normalize_conversation(inst["chosen"]), _normalize_conversation(inst["rejected"])
+        return {"chosen": c, "rejected": r}
+    if dtype == "paired_text_to_text":
+        m = inst.get("margin")
+        return {"prompt": inst["prompt"], "chosen": inst["chosen"], "rejected": inst["rejected"],
+                "margin": float(m) if m is not None else 0.0}
+    if dtype == "text_to_scored_textlist":
+        return {"input": inst["input"], "output": [{"text": o["text"], "score": float(o["score"])} for o in inst["output"]]}
+    if dtype == "image_text":
+        row = {"image": inst["image"], "input": inst.get("input", ""), "output": inst.get("output", "")}
+        conv = _normalize_conversation(inst) if "messages" in inst else {"system": "", "messages": [], "tools": ""}
+        return {**row, **conv}
+    raise ValueError(f"unknown type {dtype}")
+
+
+def was_trimmed(dtype: str, inst: dict) -> bool:
+    """True when normalisation drops a trailing user/tool turn (reported by `data validate`)."""
+    if dtype in ("conversation", "image_text") and isinstance(inst.get("messages"), list) and inst["messages"]:
+        return inst["messages"][-1].get("role") != "assistant"
+    return False
+
+
+def arrow_schema(dtype: str):
+    import pyarrow as pa
+
+    msg = pa.struct([("role", pa.string()), ("content", pa.string())])
+    conv = pa.struct([("system", pa.string()), ("messages", pa.list_(msg)), ("tools", pa.string())])
+    fields = {
+        "text_only": [("text", pa.string())],
+        "text2text": [("input", pa.string()), ("output", pa.string())],
+        "conversation": [("system", pa.string()), ("messages", pa.list_(msg)), ("tools", pa.string())],
+        "paired_conversation": [("chosen", conv), ("rejected", conv)],
+        "paired_text_to_text": [("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+                                ("margin", pa.float64())],
+        "text_to_scored_textlist": [("input", pa.string()),
+                                    ("output", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())])))],
+        "image_text": [("image", pa.string()), ("input", pa.string()), ("output", pa.string()),
+                       ("system", pa.string()), ("messages", pa.list_(msg)), ("tools", pa.string())],
+    }[dtype]
+    return pa.schema(fields)
