@@ -8,7 +8,7 @@ one `UserError` line naming the file and the key, before any Ray worker starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -125,16 +125,16 @@ def read_yaml(path: str | Path) -> dict:
 def format_validation_error(err: ValidationError, source: str) -> UserError:
     lines = []
     for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        key = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         elif e["type"] == "missing":
             msg = "missing required key"
         else:
-            msg = e["msg"]
-            if "input" in e and not isinstance(e["input"], dict):
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict) and e["type"] != "value_error":
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: key '{key}': {msg}")
+        lines.append(f"{source}: key '{key}': {msg}" if key else f"{source}: {msg}")
     return UserError(lines[0], details=lines[1:])
 
 
@@ -149,3 +149,109 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
 
 def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- finetuning
+
+
+class TrainConfig(Strict):
+    num_epochs: int = 1
+    # Stop after this many optimizer steps (None: run num_epochs).
+    max_steps: int | None = None
+    micro_batch_size: int = 4
+    # Samples per optimizer step across all workers; gradient accumulation fills the gap.
+    global_batch_size: int | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    # float32 on CPU, bfloat16 on GPU when "auto".
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    logging_steps: int = 1
+    # Report a resumable checkpoint every N steps (0: only at the end).
+    save_steps: int = 0
+    # Checkpoints kept on disk (Ray Train's num_to_keep).
+    keep_checkpoints: int = 2
+
+    @field_validator("num_epochs", "micro_batch_size", "logging_steps")
+    @classmethod
+    def _at_least_one(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+
+class LoraSettings(Strict):
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # QLoRA: 4-bit NF4 base weights via bitsandbytes (CUDA only).
+    qlora: bool = False
+
+
+class LisaSettings(Strict):
+    """Layerwise importance sampling (LISA): only `active_layers` random decoder layers train."""
+
+    enabled: bool = False
+    active_layers: int = 2
+    interval_steps: int = 20
+
+
+class ScalingSettings(Strict):
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+class FinetuneConfig(JobConfig):
+    """`lmflow-ray finetune`: continuous pretraining, task/instruction tuning, LoRA, QLoRA, LISA."""
+
+    train: TrainConfig = TrainConfig()
+    lora: LoraSettings = LoraSettings()
+    lisa: LisaSettings = LisaSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    # A ZeRO config: zero0 | zero2 | zero3 | zero3_offload (configs/deepspeed/NAME.json) or a JSON path.
+    deepspeed: str = "zero2"
+    # Continue from an earlier run's output dir (or a checkpoint dir inside it).
+    resume_from: str | None = None
+    # Restarts of the worker group after a worker dies (from the last checkpoint).
+    max_failures: int = 0
+    # transformers rope_scaling dict, e.g. {rope_type: linear, factor: 2.0}.
+    rope_scaling: dict | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FinetuneConfig":
+        t, s = self.train, self.scaling
+        per_step = t.micro_batch_size * s.num_workers
+        if s.num_workers < 1:
+            raise ValueError("scaling.num_workers must be >= 1")
+        if t.global_batch_size is not None and t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+                f"({t.micro_batch_size}) x num_workers ({s.num_workers}) = {per_step}; pick a multiple of {per_step}"
+            )
+        if self.lora.enabled and self.lisa.enabled:
+            raise ValueError("lora.enabled and lisa.enabled are exclusive; enable one")
+        if self.lora.qlora and not self.lora.enabled:
+            raise ValueError("lora.qlora needs lora.enabled: true")
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        t = self.train
+        if t.global_batch_size is None:
+            return 1
+        return t.global_batch_size // (t.micro_batch_size * self.scaling.num_workers)

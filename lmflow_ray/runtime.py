@@ -18,6 +18,10 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    if not os.environ.get("RAY_ADDRESS"):
+        # Locally the logical CPU count is inflated (see above); cap data tasks at the real
+        # cores so a small job does not start (and import torch in) a worker per logical CPU.
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=os.cpu_count() or 2)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -33,6 +37,6 @@ def init_ray(num_cpus: int | None = None):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         cpus = num_cpus or int(os.environ.get("LMFLOW_RAY_NUM_CPUS", max(8, os.cpu_count() or 2)))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(num_cpus=cpus, logging_level=logging.WARNING)
     quiet_ray_data()
     return ray

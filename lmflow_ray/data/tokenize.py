@@ -1,0 +1,118 @@
+"""Tokenization: normalised rows (formats.py) become training examples `{"input_ids", "labels"}`.
+
+`labels` equal `input_ids` where the token is learned and -100 (ignored by the loss)
+everywhere else. Conversations are rendered into learned/unlearned segments by a
+template (templates.py); each segment is encoded on its own with
+`add_special_tokens=False`, so a special-token string such as `<|im_end|>` becomes its
+single id and no segment borrows a token across a learned/unlearned boundary.
+Sequences longer than `max_length` lose their right end. `tokenize_batch` is the Ray Data
+`map_batches(batch_format="numpy")` entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmflow_ray.data.templates import render_segments
+from lmflow_ray.errors import UserError
+
+IGNORE_INDEX = -100
+TOKENIZABLE_TYPES = ("text_only", "text2text", "conversation")
+
+Example = dict[str, list[int]]
+
+
+def _encode(texts: list[str], tokenizer) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def _example(parts: list[tuple[list[int], bool]], max_length: int | None) -> Example:
+    """Concatenate `(ids, learned)` parts into input_ids/labels, cut to max_length."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for ids, learned in parts:
+        input_ids += ids
+        labels += ids if learned else [IGNORE_INDEX] * len(ids)
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _special(token_id: int | None) -> list[int]:
+    return [] if token_id is None else [token_id]
+
+
+def tokenize_conversation(row: dict, tokenizer, template: str | None, max_length: int | None) -> Example:
+    """A normalised conversation; only assistant turns (and their end-of-turn token) are learned."""
+    segments = render_segments(row, template, tokenizer)
+    encoded = _encode([text for text, _ in segments], tokenizer)
+    return _example([(ids, learned) for ids, (_, learned) in zip(encoded, segments)], max_length)
+
+
+def tokenize_text2text(row: dict, tokenizer, max_length: int | None) -> Example:
+    """bos + input (not learned), then output + eos (learned)."""
+    inp, out = _encode([row["input"], row["output"]], tokenizer)
+    return _example(
+        [(_special(tokenizer.bos_token_id) + inp, False), (out + _special(tokenizer.eos_token_id), True)],
+        max_length,
+    )
+
+
+def tokenize_text(row: dict, tokenizer, max_length: int | None = None) -> Example:
+    """bos + text + eos, all learned (pretraining); no cut when max_length is None."""
+    (ids,) = _encode([row["text"]], tokenizer)
+    return _example([(_special(tokenizer.bos_token_id) + ids + _special(tokenizer.eos_token_id), True)],
+                    max_length)
+
+
+def learned_token_count(labels) -> int:
+    return sum(1 for label in labels if label != IGNORE_INDEX)
+
+
+def _as_str(value: Any) -> str:
+    # Arrow nulls arrive as None; numpy hands strings back as numpy.str_.
+    return "" if value is None else str(value)
+
+
+def _as_conversation(system: Any, messages: Any, tools: Any) -> dict:
+    """A conversation row rebuilt from a numpy batch, where lists arrive as object arrays."""
+    msgs = [] if messages is None else list(messages)
+    return {
+        "system": _as_str(system),
+        "messages": [{"role": _as_str(m["role"]), "content": _as_str(m["content"])} for m in msgs],
+        "tools": _as_str(tools),
+    }
+
+
+def _rows(batch: dict[str, Any], dtype: str) -> list[dict]:
+    if dtype == "text_only":
+        return [{"text": _as_str(t)} for t in batch["text"]]
+    if dtype == "text2text":
+        return [{"input": _as_str(i), "output": _as_str(o)} for i, o in zip(batch["input"], batch["output"])]
+    n = len(batch["messages"])
+    systems = batch.get("system", [None] * n)
+    tools = batch.get("tools", [None] * n)
+    return [_as_conversation(s, m, t) for s, m, t in zip(systems, batch["messages"], tools)]
+
+
+def tokenize_batch(batch: dict[str, Any], dtype: str, tokenizer, template: str | None,
+                   max_length: int | None) -> dict[str, list]:
+    """A Ray Data batch of normalised rows as {"input_ids": [...], "labels": [...]}.
+
+    text_only rows are never cut here: pack_blocks cuts their token stream into blocks
+    later, and cutting each document first would throw text away.
+    """
+    if dtype not in TOKENIZABLE_TYPES:
+        raise UserError(
+            f"dataset type '{dtype}' cannot be tokenized for language-model training; "
+            f"use one of {', '.join(TOKENIZABLE_TYPES)}"
+        )
+    examples = []
+    for row in _rows(batch, dtype):
+        if dtype == "text_only":
+            examples.append(tokenize_text(row, tokenizer))
+        elif dtype == "text2text":
+            examples.append(tokenize_text2text(row, tokenizer, max_length))
+        else:
+            examples.append(tokenize_conversation(row, tokenizer, template, max_length))
+    return {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}

@@ -1,0 +1,80 @@
+"""Parameter-efficient tuning: LoRA / QLoRA (peft), LISA layer sampling, LoRA merging.
+
+LISA (Pan et al. 2024, "layerwise importance sampling", shipped by LMFlow) keeps the
+embeddings and the LM head trainable and, every `interval_steps` optimizer steps,
+unfreezes a fresh random subset of `active_layers` decoder layers, freezing the rest.
+Every worker draws the same subset (the generator is seeded by the step), so data-parallel
+ranks always hold gradients for the same parameters.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from lmflow_ray.errors import UserError
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise UserError(
+            f"lora.target_modules {missing} not found in the model; available linear layers include "
+            f"{sorted(n for n in names if n.endswith('proj'))[:12]}"
+        )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def decoder_layers(model):
+    """The list of transformer blocks of a causal LM (Llama-style `model.layers` and friends)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = base
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return list(obj)
+    raise UserError(f"LISA: cannot find the decoder layers of {type(base).__name__}; LISA supports Llama-like models")
+
+
+def lisa_select(model, active_layers: int, step: int, seed: int) -> list[int]:
+    """Freeze every decoder layer except `active_layers` drawn for this step; return their indices."""
+    layers = decoder_layers(model)
+    k = min(active_layers, len(layers))
+    chosen = sorted(random.Random(seed * 1_000_003 + step).sample(range(len(layers)), k))
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            p.requires_grad_(i in chosen)
+            if i not in chosen:
+                p.grad = None
+    return chosen
+
+
+def merge_lora(base: str, adapter: str, out: str) -> Path:
+    """Merge a LoRA adapter into its base model and save a plain HF model directory."""
+    import torch
+    from peft import PeftModel
+
+    from lmflow_ray.models.loading import load_causal_lm, load_tokenizer
+    from lmflow_ray.models.zoo import resolve_model
+
+    adapter_dir = resolve_model(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: no adapter_config.json in {adapter_dir}; pass a LoRA output dir")
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
+    model = load_causal_lm(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    load_tokenizer(tok_src).save_pretrained(out_dir)
+    return out_dir

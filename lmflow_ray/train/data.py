@@ -1,0 +1,92 @@
+"""Training data: LMFlow files → Ray Dataset of token rows → padded torch micro-batches.
+
+Built once in the driver with Ray Data (`map_batches` tokenization and packing run in
+Ray tasks), shuffled with the config's seed and materialised, so every epoch and every
+restart sees the same rows; Ray Train then splits it across workers
+(`get_dataset_shard("train")`).
+
+Rows: `input_ids`, `labels` (-100 = not learned) and, for packed SFT blocks,
+`position_ids` restarting at 0 at each sample so packed samples do not attend to each
+other (see data/packing.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from lmflow_ray.errors import UserError
+
+TRAINABLE_TYPES = ("text_only", "text2text", "conversation")
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tokenize(batch, dtype: str, tokenizer_path: str, template: str | None, max_length: int | None):
+    from lmflow_ray.data.tokenize import tokenize_batch
+
+    return tokenize_batch(batch, dtype, _tokenizer(tokenizer_path), template, max_length)
+
+
+def _pack(batch, block_size: int, whole_samples: bool):
+    from lmflow_ray.data.packing import pack_blocks_batch, pack_sequences_batch
+
+    return pack_sequences_batch(batch, block_size) if whole_samples else pack_blocks_batch(batch, block_size)
+
+
+def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, template: str | None,
+                        max_length: int, packing: bool | None, seed: int):
+    """(materialised Ray Dataset of token rows, info dict with type, rows and packing)."""
+    from lmflow_ray.data.reader import read_dataset
+
+    ds, dtype = read_dataset(path, dtype)
+    if dtype not in TRAINABLE_TYPES:
+        raise UserError(f"{path}: type '{dtype}' cannot be finetuned on; use one of {', '.join(TRAINABLE_TYPES)}")
+    pack = (dtype == "text_only") if packing is None else packing
+    # text_only is cut into blocks after tokenizing, so tokenize it whole.
+    trunc = None if (dtype == "text_only" and pack) else max_length
+    ds = ds.map_batches(_tokenize, fn_args=(dtype, tokenizer_path, template, trunc), batch_format="numpy", batch_size=512)
+    if pack:
+        ds = ds.map_batches(_pack, fn_args=(max_length, dtype != "text_only"), batch_format="numpy", batch_size=4096)
+    # Materialise before shuffling: fusing the shuffle's map side with tokenization fans the
+    # tokenizer out to many fresh worker processes, each paying the transformers import.
+    ds = ds.materialize().random_shuffle(seed=seed).materialize()
+    rows = ds.count()
+    if rows == 0:
+        raise UserError(f"{path}: no training rows after tokenization (texts shorter than one block of "
+                        f"{max_length} tokens?); lower data.max_length or add data")
+    return ds, {"type": dtype, "rows": rows, "packing": pack}
+
+
+def collate(batch, pad_id: int):
+    """Right-pad a numpy batch of token rows into tensors; attention_mask marks real tokens."""
+    import numpy as np
+    import torch
+
+    ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+    labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
+    width = max(len(x) for x in ids)
+    n = len(ids)
+    out_ids = np.full((n, width), pad_id, dtype=np.int64)
+    out_labels = np.full((n, width), -100, dtype=np.int64)
+    mask = np.zeros((n, width), dtype=np.int64)
+    for i, (a, b) in enumerate(zip(ids, labels)):
+        out_ids[i, : len(a)] = a
+        out_labels[i, : len(b)] = b
+        mask[i, : len(a)] = 1
+    result = {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_labels),
+              "attention_mask": torch.from_numpy(mask)}
+    if "position_ids" in batch:
+        pos = np.zeros((n, width), dtype=np.int64)
+        for i, p in enumerate(batch["position_ids"]):
+            p = np.asarray(p, dtype=np.int64)
+            pos[i, : len(p)] = p
+        result["position_ids"] = torch.from_numpy(pos)
+    return result

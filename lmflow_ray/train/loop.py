@@ -1,0 +1,276 @@
+"""The per-worker training loop: one Ray Train worker, one DeepSpeed engine.
+
+Runs inside `TorchTrainer` workers (Ray has already initialised torch.distributed: gloo
+on CPU, nccl on GPU). Each optimizer step takes G micro-batches from this worker's
+dataset shard, normalises the loss by the learned tokens of the whole global batch
+(objectives.py), and lets DeepSpeed do ZeRO sharding, accumulation and clipping.
+
+Every `save_steps` the workers write a DeepSpeed checkpoint (each rank its own shard
+files) plus `trainer_state.json` and report it to Ray Train, which gathers them in one
+checkpoint directory. A restart (after a worker died, or `resume_from`) reloads the
+engine, optimizer and scheduler, and skips the micro-batches of the current epoch that
+were already consumed. Rank 0 writes `metrics.jsonl`, prints progress, and saves the final
+model in HF format, then reloads it with plain transformers to check the logits match.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+CHECKPOINT_TAG = "ds"
+STATE_FILE = "trainer_state.json"
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def build_model(cfg, plan):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmflow_ray.models.peft_utils import apply_lora
+
+    dtype = torch.bfloat16 if plan["bf16"] else torch.float32
+    hf_config = AutoConfig.from_pretrained(plan["model_path"], trust_remote_code=cfg.trust_remote_code)
+    if cfg.rope_scaling:
+        hf_config.rope_scaling = dict(cfg.rope_scaling)
+    kwargs = {}
+    if cfg.lora.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        plan["model_path"], config=hf_config, dtype=dtype, use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code, **kwargs,
+    )
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.lora.enabled:
+        lo = cfg.lora
+        model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, cfg.train.gradient_checkpointing)
+    return model
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0: rows after the restored step are dropped on restart."""
+
+    def __init__(self, path: Path, restored_step: int):
+        self.path = path
+        rows = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= restored_step:
+                    rows.append(line)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, path)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _save_checkpoint(engine, state: dict, metrics: dict, rank: int):
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="lmflow-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(engine):
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+        return json.loads(Path(d, STATE_FILE).read_text())
+
+
+def _gather_state_dict(engine, stage: int):
+    if stage == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
+def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe):
+    """Save OUT/model (HF format) and verify it: reload with transformers, compare logits."""
+    import torch
+
+    engine.module.eval()
+    with torch.no_grad():
+        ref = engine(input_ids=probe).logits.float()
+    state_dict = _gather_state_dict(engine, stage)
+    if rank != 0:
+        return None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = out / "model"
+    engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(model_dir)
+    if (model_dir / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=ref.dtype)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(input_ids=probe).logits.float()
+    torch.save({"input_ids": probe, "logits": ref}, out / "save_check.pt")
+    return float((got - ref).abs().max())
+
+
+def train_worker(args: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.models.peft_utils import lisa_select
+    from lmflow_ray.train.data import collate
+    from lmflow_ray.train.objectives import micro_batch_loss_scale, token_nll_sum
+
+    cfg = FinetuneConfig.model_validate(args["config"])
+    plan = args["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = Path(plan["output_dir"])
+    gas, steps_per_epoch, total_steps = plan["accumulation"], plan["steps_per_epoch"], plan["total_steps"]
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg, plan)
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=plan["ds_config"],
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total_steps)),
+        dist_init_required=False,
+    )
+    stage = plan["ds_config"]["zero_optimization"]["stage"]
+    state = _restore(engine) or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
+    log = MetricsLog(out / "metrics.jsonl", state["step"]) if rank == 0 else None
+    if rank == 0 and state["step"]:
+        print(f"[lmflow-ray] resumed at step {state['step']} (epoch {state['epoch']})", flush=True)
+    lisa_layers = None
+    if cfg.lisa.enabled:
+        lisa_layers = lisa_select(engine.module, cfg.lisa.active_layers, state["step"] // cfg.lisa.interval_steps, cfg.seed)
+
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = plan["pad_id"]
+    probe = None
+    t0, steps_timed = time.time(), 0
+    window_tokens = 0.0
+    done = state["step"] >= total_steps
+    while not done and state["epoch"] < t.num_epochs:
+        batches = iter(shard.iter_torch_batches(batch_size=t.micro_batch_size, drop_last=True,
+                                                collate_fn=lambda b: collate(b, pad_id)))
+        for _ in range(state["step_in_epoch"] * gas):
+            next(batches)  # already trained on before the restart
+        while state["step_in_epoch"] < steps_per_epoch:
+            engine.module.train()
+            micro = [next(batches) for _ in range(gas)]
+            if probe is None:
+                probe = micro[0]["input_ids"][:2, :64].clone()
+            local_tokens = float(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
+            local_seen = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
+            global_tokens, global_seen = _all_sum([local_tokens, local_seen])
+            scale = micro_batch_loss_scale(world, gas, int(global_tokens))
+            loss_sum = 0.0
+            for mb in micro:
+                # use_cache=False: with a KV cache transformers skips packed-sequence masking.
+                inputs = {"input_ids": mb["input_ids"]}
+                if "position_ids" in mb:
+                    inputs["position_ids"] = mb["position_ids"]  # packed: boundaries come from position ids
+                else:
+                    inputs["attention_mask"] = mb["attention_mask"]
+                inputs = {k: v.to(engine.device) for k, v in inputs.items()}
+                logits = engine(**inputs, use_cache=False).logits
+                nll, _ = token_nll_sum(logits, mb["labels"].to(engine.device))
+                engine.backward(nll * scale)
+                engine.step()
+                loss_sum += float(nll.detach())
+            (global_loss_sum,) = _all_sum([loss_sum])
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            state["tokens"] += int(global_seen)
+            window_tokens += global_seen
+            steps_timed += 1
+            if cfg.lisa.enabled and state["step"] % cfg.lisa.interval_steps == 0:
+                lisa_layers = lisa_select(engine.module, cfg.lisa.active_layers,
+                                          state["step"] // cfg.lisa.interval_steps, cfg.seed)
+            done = state["step"] >= total_steps
+            is_log = state["step"] % t.logging_steps == 0 or done
+            is_save = bool(t.save_steps) and state["step"] % t.save_steps == 0 and not done
+            if not (is_log or is_save):
+                continue
+            elapsed = time.time() - t0
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "step": state["step"], "epoch": state["epoch"], "loss": global_loss_sum / max(global_tokens, 1),
+                "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": window_tokens / max(elapsed, 1e-9), "learned_tokens": int(global_tokens),
+                "tokens_seen": state["tokens"], "elapsed_s": elapsed,
+            }
+            if lisa_layers is not None:
+                metrics["lisa_layers"] = lisa_layers
+            if rank == 0:
+                eta = (total_steps - state["step"]) * elapsed / max(steps_timed, 1)
+                log.write({**metrics, "time": time.time()})
+                print(f"[lmflow-ray] step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
+                      f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+            if is_save:
+                _save_checkpoint(engine, dict(state), metrics, rank)
+            if done:
+                break
+        if state["step_in_epoch"] >= steps_per_epoch:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+
+    if probe is None:  # resumed a finished run: nothing new to train on, probe any batch
+        probe = next(iter(shard.iter_torch_batches(batch_size=1, collate_fn=lambda b: collate(b, pad_id))))["input_ids"][:, :64]
+    diff = _save_model(engine, stage, rank, out, plan["tokenizer_path"], probe)
+    final = {"step": state["step"], "epoch": state["epoch"], "final": True, "tokens_seen": state["tokens"]}
+    if rank == 0:
+        final["save_check_max_abs_diff"] = diff
+    _save_checkpoint(engine, dict(state), final, rank)

@@ -1,0 +1,216 @@
+"""`lmflow-ray finetune`: checks the config, builds the data, runs Ray Train, writes OUT/.
+
+Everything a user can get wrong (keys, types, model, dataset, DeepSpeed config, QLoRA
+without CUDA, batch sizes, an output dir that already holds a run) is checked here, in
+the driver, before any worker starts. Then `TorchTrainer` runs `loop.train_worker` on N
+workers with the tokenized dataset, restarting from the last checkpoint after a worker
+failure (`max_failures`). The output directory follows the project contract:
+model/, metrics.jsonl, run.json, checkpoints/ (+ loss.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from lmflow_ray.config import FinetuneConfig, load_config
+from lmflow_ray.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUN_NAME = "ray_train"
+
+
+def resolve_deepspeed(spec: str) -> dict:
+    candidates = [Path(spec), REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json", Path.cwd() / "configs" / "deepspeed" / f"{spec}.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise UserError(f"deepspeed: '{spec}' is neither zero0|zero2|zero3|zero3_offload nor a JSON file path")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid DeepSpeed JSON ({e.msg})") from None
+    ds.setdefault("zero_optimization", {"stage": 0})
+    return ds
+
+
+def fill_deepspeed(ds: dict, cfg: FinetuneConfig, bf16: bool) -> dict:
+    """Replace "auto" fields from the job config, so one JSON serves every job."""
+    t = cfg.train
+    gas = cfg.gradient_accumulation_steps
+    ds = json.loads(json.dumps(ds))
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = t.micro_batch_size * gas * cfg.scaling.num_workers
+    ds["gradient_clipping"] = t.max_grad_norm
+    ds["bf16"] = {"enabled": bf16}
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    for key, value in (("lr", t.lr), ("betas", list(t.betas)), ("weight_decay", t.weight_decay)):
+        if params.get(key, "auto") == "auto":
+            params[key] = value
+    if not cfg.scaling.use_gpu:
+        params["torch_adam"] = True  # DeepSpeed's fused/CPU Adam needs compiled ops
+        ds["zero_optimization"].pop("offload_optimizer", None)
+        ds["zero_optimization"].pop("offload_param", None)
+    return ds
+
+
+def find_checkpoint(path: str) -> Path:
+    """The newest Ray Train checkpoint under a run's output dir (or the checkpoint dir itself)."""
+    p = Path(path)
+    if (p / "trainer_state.json").is_file():
+        return p
+    found = sorted(
+        (c for c in p.glob("**/checkpoint_*") if (c / "trainer_state.json").is_file()),
+        key=lambda c: json.loads((c / "trainer_state.json").read_text())["step"],
+    )
+    if not found:
+        raise UserError(f"resume_from: no checkpoint found under {p}; pass a finetune output dir that has checkpoints/")
+    return found[-1]
+
+
+def preflight(cfg: FinetuneConfig) -> dict:
+    """All config-time checks; returns what the run needs (paths, DeepSpeed config)."""
+    from lmflow_ray.data.source import validate
+    from lmflow_ray.models.zoo import resolve_model
+
+    if cfg.lora.qlora and not cfg.scaling.use_gpu:
+        raise UserError("lora.qlora needs CUDA GPUs (bitsandbytes 4-bit); set scaling.use_gpu: true on a GPU "
+                        "machine, or set lora.qlora: false to use plain LoRA")
+    if cfg.lora.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("lora.qlora needs bitsandbytes; install lmflow-ray[gpu] on the GPU machine") from None
+    ds = resolve_deepspeed(cfg.deepspeed)
+    stage = ds["zero_optimization"].get("stage", 0)
+    if cfg.lisa.enabled and stage != 0:
+        raise UserError(f"lisa.enabled needs deepspeed: zero0 (got ZeRO stage {stage}); LISA already trains "
+                        "only a few layers, so sharding buys little")
+    out = Path(cfg.output_dir)
+    resume = None
+    if cfg.resume_from:
+        resume = find_checkpoint(cfg.resume_from)
+    elif out.exists() and ((out / "run.json").exists() or (out / "checkpoints").exists()):
+        raise UserError(f"output_dir {out} already holds a run; set resume_from: {out} to continue it, "
+                        "or choose a new output_dir")
+    model_path = resolve_model(cfg.model)
+    if (model_path / "adapter_config.json").is_file():
+        raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or train its base")
+    summary = validate(cfg.data.path, cfg.data.type)
+    return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
+
+
+def plot_loss(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over learned tokens)")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    from lmflow_ray.runtime import init_ray
+
+    started = time.time()
+    pre = preflight(cfg)
+    ray = init_ray()
+    if cfg.scaling.use_gpu and ray.cluster_resources().get("GPU", 0) < cfg.scaling.num_workers:
+        raise UserError(f"scaling.use_gpu: the Ray cluster has {ray.cluster_resources().get('GPU', 0):.0f} GPUs, "
+                        f"{cfg.scaling.num_workers} workers need one each; set scaling.use_gpu: false or add GPUs")
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from lmflow_ray.models.loading import load_tokenizer
+    from lmflow_ray.train.data import build_token_dataset
+    from lmflow_ray.train.loop import train_worker
+
+    tokenizer = load_tokenizer(pre["model_path"])
+    d = cfg.data
+    dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length, d.packing, cfg.seed)
+    t, s = cfg.train, cfg.scaling
+    per_step = t.micro_batch_size * s.num_workers * cfg.gradient_accumulation_steps
+    steps_per_epoch = info["rows"] // per_step
+    if steps_per_epoch == 0:
+        raise UserError(f"{d.path}: {info['rows']} training rows are fewer than one global batch ({per_step}); "
+                        "lower train.micro_batch_size / global_batch_size or add data")
+    total = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
+    bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {
+        "model_path": pre["model_path"], "tokenizer_path": pre["model_path"], "output_dir": str(out),
+        "ds_config": fill_deepspeed(pre["ds"], cfg, bf16), "bf16": bf16, "pad_id": tokenizer.pad_token_id,
+        "accumulation": cfg.gradient_accumulation_steps, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+    }
+    print(f"[lmflow-ray] {info['rows']} {'packed ' if info['packing'] else ''}rows of {info['type']}, "
+          f"{s.num_workers} worker(s), ZeRO-{plan['ds_config']['zero_optimization'].get('stage', 0)}, "
+          f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
+    resume = pre["resume"]
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
+        run_config=RunConfig(
+            name=RUN_NAME, storage_path=str(out / "checkpoints"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(s.cpus_per_worker)))}},
+        ),
+        datasets={"train": dataset},
+        resume_from_checkpoint=ray.train.Checkpoint(str(resume)) if resume else None,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    final = dict(result.metrics or {})
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():
+        plot_loss(metrics_path, out / "loss.png")
+    import ray as ray_mod
+    import torch
+    import transformers
+
+    run = {
+        "job": "finetune", "config": cfg.model_dump(mode="json"), "resolved_model": pre["model_path"],
+        "data": {"type": info["type"], "instances": pre["data_summary"].instances, "rows": info["rows"],
+                 "packing": info["packing"]},
+        "plan": {k: plan[k] for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
+        "deepspeed": plan["ds_config"],
+        "versions": {"lmflow_ray": __import__("lmflow_ray").__version__, "ray": ray_mod.__version__,
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version()},
+        "resumed_from": str(resume) if resume else None,
+        "start_time": started, "end_time": time.time(), "final": final,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(run, indent=2, default=str))
+    os.replace(tmp, out / "run.json")
+    print(f"[lmflow-ray] done: {out}/model  (steps {final.get('step')}, save check max|Δlogits| "
+          f"{final.get('save_check_max_abs_diff')})", flush=True)
+    return run
+
+
+def finetune_main(config_path: str, overrides: list[str]) -> int:
+    cfg = load_config(FinetuneConfig, config_path, overrides)
+    run_finetune(cfg)
+    return 0
