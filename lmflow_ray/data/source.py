@@ -23,6 +23,7 @@ from lmflow_ray.data.formats import TYPES, check_instance, was_trimmed
 from lmflow_ray.errors import UserError
 
 SUFFIXES = (".json", ".jsonl")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 MAX_REPORTED = 20
 
 
@@ -149,6 +150,38 @@ def declared_type(path: Path) -> str | None:
         raise DataError(describe_json_error(path)) from None
 
 
+def _parse_jsonl_line(path: Path, lineno: int, text: str) -> object:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        # e.colno counts from the last newline, so an error at the end of the line (a cut-off
+        # instance) would read as column 1; the offset within the line is what the user needs.
+        col = min(e.pos, len(text.rstrip("\r\n"))) + 1
+        raise DataError(f"{path}:{lineno}:{col}: invalid JSON ({e.msg}); one instance per line") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: JSON nested too deeply; flatten this instance") from None
+    if _SURROGATE_ESCAPE.search(text):
+        # json.loads keeps a lone "\ud800" as a surrogate that no UTF-8 writer (Arrow, the
+        # tokenizer) accepts; the .json parser turns it into "?" instead.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{path}:{lineno}: lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
+                "it is not a character, remove or fix it"
+            ) from None
+    return obj
+
+
+def _instances_event(path: Path) -> str | None:
+    """The first JSON event of the top-level "instances" value (start_array when valid)."""
+    with open(path, "rb") as f:
+        for prefix, event, _ in ijson.parse(f):
+            if prefix == "instances":
+                return event
+    return None
+
+
 def iter_instances(path: Path) -> Iterator[tuple[int, int | None, object]]:
     """Yield (instance index, line number or None, instance) from one file, streaming."""
     if path.suffix == ".jsonl":
@@ -161,14 +194,14 @@ def iter_instances(path: Path) -> Iterator[tuple[int, int | None, object]]:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"{path}:{lineno}:{e.start + 1}: not valid UTF-8; re-encode the file as UTF-8") from None
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON ({e.msg}); one instance per line") from None
-                yield index, lineno, obj
+                yield index, lineno, _parse_jsonl_line(path, lineno, text)
                 index += 1
         return
     try:
+        # "instances.item" also matches a key named "item" of an instances *object*; only an
+        # array holds instances. The "instances" key comes first or second, so this is quick.
+        if _instances_event(path) not in (None, "start_array"):
+            raise DataError(_instances_shape_problem(path))
         with open(path, "rb") as f:
             for index, obj in enumerate(ijson.items(f, "instances.item", use_float=True)):
                 yield index, None, obj

@@ -28,3 +28,18 @@ def load_causal_lm(model: str | Path, dtype=None, trust_remote_code: bool = Fals
     return AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+
+
+def load_for_generation(model: str | Path, dtype=None):
+    """(model, tokenizer) for a full model dir, a zoo name, or a LoRA adapter dir (base from its config)."""
+    import torch
+
+    path = resolve_model(str(model))
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        m = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    else:
+        m = load_causal_lm(path, dtype=dtype)
+    m.eval()
+    return m, load_tokenizer(path)

@@ -1,0 +1,136 @@
+"""`lmflow-ray finetune` from the command line: bad configs fail fast, `ray job submit` works.
+
+Bad configs must exit 2 with one `error:` line naming the problem, before any Ray worker
+starts (these runs take seconds because Ray is never started). The job-submit test starts
+its own Ray head with `ray start --head`, submits jobs/finetune.py and waits for SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+BASE = {
+    "model": "tiny-llama",
+    "data": {"path": "examples/data/sft_tiny.json", "max_length": 64},
+    "output_dir": "OUT",
+    "train": {"num_epochs": 1, "micro_batch_size": 4},
+}
+
+
+def write_cfg(tmp_path: Path, cfg: dict) -> Path:
+    p = tmp_path / "cfg.yaml"
+    cfg = json.loads(json.dumps(cfg).replace('"OUT"', json.dumps(str(tmp_path / "out"))))
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["train.lrr=1"], "key 'train.lrr': unknown key"),
+        (["train.lr=fast"], "key 'train.lr': Input should be a valid number"),
+        (["data.path=examples/data/missing.json"], "dataset not found: examples/data/missing.json"),
+        (["model=no-such-model"], "model not found: 'no-such-model'"),
+        (["lora.enabled=true", "lora.qlora=true"], "lora.qlora needs CUDA GPUs"),
+        (["train.global_batch_size=6", "scaling.num_workers=2"], "not divisible by micro_batch_size (4) x num_workers (2)"),
+        (["lisa.enabled=true", "deepspeed=zero3"], "lisa.enabled needs deepspeed: zero0"),
+        (["deepspeed=zero9"], "deepspeed: 'zero9' is neither"),
+        (["data.template=vicuna"], "unknown template 'vicuna'"),
+        (["lora.enabled=true", "lora.target_modules=[nope_proj]", "scaling.num_workers=1"], None),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, repo, tiny_llama, sets, expected):
+    cfg = write_cfg(tmp_path, BASE)
+    args = ["finetune", "--config", str(cfg)]
+    for s in sets:
+        args += ["--set", s]
+    start = time.time()
+    proc = run_cli(*args, timeout=300)
+    if expected is None:
+        # LoRA target modules are checked inside the worker (the model is built there): still exit 2.
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "lora.target_modules ['nope_proj'] not found" in proc.stderr
+        return
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert lines and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.time() - start < 60  # failed before any Ray worker started
+
+
+def test_existing_output_dir_is_not_overwritten(tmp_path, repo, tiny_llama):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"keep": true}')
+    proc = run_cli("finetune", "--config", str(write_cfg(tmp_path, BASE)))
+    assert proc.returncode == 2 and "already holds a run; set resume_from" in proc.stderr
+    assert (out / "run.json").read_text() == '{"keep": true}'
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny-llama\ndata: [unclosed\n")
+    proc = run_cli("finetune", "--config", str(bad))
+    assert proc.returncode == 2 and f"{bad}:" in proc.stderr and "invalid YAML" in proc.stderr
+    proc = run_cli("finetune", "--config", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama):
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    port, dash = _free_port(), _free_port()
+    ray = str(Path(venv_bin) / "ray")
+    # Short path: Ray's unix sockets live under the temp dir (107-character limit).
+    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.run(
+            [ray, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
+             "python", "jobs/finetune.py", "--config", "configs/sft_tiny_zero3.yaml",
+             "--set", f"output_dir={out}", "--set", "train.num_epochs=1"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "SUCCEEDED" in proc.stdout + proc.stderr
+        for name in ("model/config.json", "model/model.safetensors", "metrics.jsonl", "run.json"):
+            assert (out / name).exists(), name
+        run = json.loads((out / "run.json").read_text())
+        assert run["final"]["step"] == run["plan"]["total_steps"] == 16
+    finally:
+        stop_head(temp)
+
+
+def stop_head(temp: Path) -> None:
+    """Stop only the head started above (`ray stop` would also kill the session's cluster)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
