@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds lmflow_ray/
 
-from lmflow_ray.cli import main  # noqa: E402
+from lmflow_ray.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -37,7 +37,7 @@ class DataConfig(Strict):
     max_length: int = 512
     # Concatenate samples into max_length blocks. None: on for text_only, off otherwise.
     packing: bool | None = None
-    # Fraction (0..1) or count of instances held out for evaluation.
+    # Held out for evaluation: a fraction (0 < x < 1) or a number of rows (>= 1); 0 = none.
     eval_split: float = 0.0
     shuffle_seed: int = 0
 
@@ -174,6 +174,8 @@ class TrainConfig(Strict):
     logging_steps: int = 1
     # Report a resumable checkpoint every N steps (0: only at the end).
     save_steps: int = 0
+    # Evaluate on the held-out split (data.eval_split) every N steps (0: only at the end).
+    eval_steps: int = 0
     # Checkpoints kept on disk (Ray Train's num_to_keep).
     keep_checkpoints: int = 2
 
@@ -233,7 +235,7 @@ class FinetuneConfig(JobConfig):
     rope_scaling: dict | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FinetuneConfig":
+    def _consistent(self) -> FinetuneConfig:
         t, s = self.train, self.scaling
         per_step = t.micro_batch_size * s.num_workers
         if s.num_workers < 1:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from lmflow_ray.train.run import REPO_ROOT
 

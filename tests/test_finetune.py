@@ -192,13 +192,16 @@ def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_pa
     check_saved_model(out)
 
 
-def test_lisa_trains_sampled_layers(ray_session, repo, tmp_path, tiny_llama):
+def test_lisa_trains_sampled_layers_with_heldout_eval(ray_session, repo, tmp_path, tiny_llama):
     out = tmp_path / "out"
-    run_finetune(make_cfg(repo, out, deepspeed="zero0", **{
+    run = run_finetune(make_cfg(repo, out, deepspeed="zero0", **{
         "scaling.num_workers": 1, "train.global_batch_size": 8, "lisa.enabled": "true", "lisa.active_layers": 1,
-        "lisa.interval_steps": 5, "train.save_steps": 0}))
+        "lisa.interval_steps": 5, "train.save_steps": 0, "data.eval_split": 0.125, "train.eval_steps": 10}))
+    assert run["data"]["eval_rows"] == 32 and run["data"]["rows"] == 224
     rows = metrics(out)
     assert_loss_falls(rows, 0.8)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 6 and evals[-1] < 0.8 * evals[0]  # steps 10..50 and the last (56)
     sampled = {tuple(r["lisa_layers"]) for r in rows}
     assert all(len(s) == 1 for s in sampled) and len(sampled) >= 1
     check_saved_model(out)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from lmflow_ray.errors import UserError
 from lmflow_ray.models.zoo import resolve_model
 

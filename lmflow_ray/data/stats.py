@@ -72,7 +72,7 @@ def summarize(dtype: str, lengths, learned) -> dict:
     pct = {f"p{q}": int(np.percentile(lengths, q, method="higher")) for q in PERCENTILES}
     return {
         "type": dtype,
-        "instances": int(len(lengths)),
+        "instances": len(lengths),
         "tokens_total": int(lengths.sum()),
         "length": {"min": int(lengths.min()), **pct, "max": int(lengths.max()),
                    "mean": round(float(lengths.mean()), 2)},

@@ -42,8 +42,8 @@ def _pack(batch, block_size: int, whole_samples: bool):
 
 
 def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, template: str | None,
-                        max_length: int, packing: bool | None, seed: int):
-    """(materialised Ray Dataset of token rows, info dict with type, rows and packing)."""
+                        max_length: int, packing: bool | None, seed: int, eval_split: float = 0.0):
+    """(train Dataset, eval Dataset or None, info dict with type, rows, eval_rows and packing); materialised."""
     from lmflow_ray.data.reader import read_dataset
 
     ds, dtype = read_dataset(path, dtype)
@@ -58,11 +58,21 @@ def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, templ
     # Materialise before shuffling: fusing the shuffle's map side with tokenization fans the
     # tokenizer out to many fresh worker processes, each paying the transformers import.
     ds = ds.materialize().random_shuffle(seed=seed).materialize()
+    eval_ds = None
+    if eval_split:
+        total = ds.count()
+        n_eval = int(eval_split) if eval_split >= 1 else max(1, round(total * eval_split))
+        if n_eval >= total:
+            raise UserError(f"data.eval_split={eval_split} holds out {n_eval} of {total} rows; leave rows to train on")
+        # The rows are already shuffled with the seed, so the held-out tail is a random sample.
+        ds, eval_ds = ds.split_at_indices([total - n_eval])
+        ds, eval_ds = ds.materialize(), eval_ds.materialize()
     rows = ds.count()
     if rows == 0:
         raise UserError(f"{path}: no training rows after tokenization (texts shorter than one block of "
                         f"{max_length} tokens?); lower data.max_length or add data")
-    return ds, {"type": dtype, "rows": rows, "packing": pack}
+    info = {"type": dtype, "rows": rows, "eval_rows": eval_ds.count() if eval_ds else 0, "packing": pack}
+    return ds, eval_ds, info
 
 
 def collate(batch, pad_id: int):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -115,15 +116,47 @@ def _save_checkpoint(engine, state: dict, metrics: dict, rank: int):
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(engine):
+def _restore(engine, resume_path: str | None):
+    """Latest checkpoint of this run (after a restart), else the one `resume_from` named."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and resume_path:
+        ckpt = ray.train.Checkpoint(resume_path)
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
         engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
         return json.loads(Path(d, STATE_FILE).read_text())
+
+
+def _forward_inputs(mb: dict, device) -> dict:
+    # use_cache=False: with a KV cache transformers skips packed-sequence masking.
+    inputs = {"input_ids": mb["input_ids"]}
+    if "position_ids" in mb:
+        inputs["position_ids"] = mb["position_ids"]  # packed: boundaries come from position ids
+    else:
+        inputs["attention_mask"] = mb["attention_mask"]
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def evaluate(engine, shard, micro_batch_size: int, pad_id: int) -> float:
+    """Mean token loss over this run's held-out rows (all workers together)."""
+    import torch
+
+    from lmflow_ray.train.data import collate
+    from lmflow_ray.train.objectives import token_nll_sum
+
+    engine.module.eval()
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for mb in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=lambda b: collate(b, pad_id)):
+            nll, n = token_nll_sum(engine(**_forward_inputs(mb, engine.device), use_cache=False).logits,
+                                   mb["labels"].to(engine.device))
+            total, count = total + float(nll), count + float(n)
+    total, count = _all_sum([total, count])
+    engine.module.train()
+    return total / max(count, 1.0)
 
 
 def _gather_state_dict(engine, stage: int):
@@ -188,7 +221,7 @@ def train_worker(args: dict) -> None:
         dist_init_required=False,
     )
     stage = plan["ds_config"]["zero_optimization"]["stage"]
-    state = _restore(engine) or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
+    state = _restore(engine, plan.get("resume_checkpoint")) or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
     log = MetricsLog(out / "metrics.jsonl", state["step"]) if rank == 0 else None
     if rank == 0 and state["step"]:
         print(f"[lmflow-ray] resumed at step {state['step']} (epoch {state['epoch']})", flush=True)
@@ -197,6 +230,7 @@ def train_worker(args: dict) -> None:
         lisa_layers = lisa_select(engine.module, cfg.lisa.active_layers, state["step"] // cfg.lisa.interval_steps, cfg.seed)
 
     shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if plan.get("has_eval") else None
     pad_id = plan["pad_id"]
     probe = None
     t0, steps_timed = time.time(), 0
@@ -218,14 +252,7 @@ def train_worker(args: dict) -> None:
             scale = micro_batch_loss_scale(world, gas, int(global_tokens))
             loss_sum = 0.0
             for mb in micro:
-                # use_cache=False: with a KV cache transformers skips packed-sequence masking.
-                inputs = {"input_ids": mb["input_ids"]}
-                if "position_ids" in mb:
-                    inputs["position_ids"] = mb["position_ids"]  # packed: boundaries come from position ids
-                else:
-                    inputs["attention_mask"] = mb["attention_mask"]
-                inputs = {k: v.to(engine.device) for k, v in inputs.items()}
-                logits = engine(**inputs, use_cache=False).logits
+                logits = engine(**_forward_inputs(mb, engine.device), use_cache=False).logits
                 nll, _ = token_nll_sum(logits, mb["labels"].to(engine.device))
                 engine.backward(nll * scale)
                 engine.step()
@@ -242,7 +269,8 @@ def train_worker(args: dict) -> None:
             done = state["step"] >= total_steps
             is_log = state["step"] % t.logging_steps == 0 or done
             is_save = bool(t.save_steps) and state["step"] % t.save_steps == 0 and not done
-            if not (is_log or is_save):
+            is_eval = eval_shard is not None and (done or (t.eval_steps and state["step"] % t.eval_steps == 0))
+            if not (is_log or is_save or is_eval):
                 continue
             elapsed = time.time() - t0
             grad_norm = engine.get_global_grad_norm()
@@ -251,13 +279,18 @@ def train_worker(args: dict) -> None:
                 "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": window_tokens / max(elapsed, 1e-9), "learned_tokens": int(global_tokens),
                 "tokens_seen": state["tokens"], "elapsed_s": elapsed,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
             if lisa_layers is not None:
                 metrics["lisa_layers"] = lisa_layers
+            if is_eval:
+                metrics["eval_loss"] = evaluate(engine, eval_shard, t.micro_batch_size, plan["pad_id"])
+                metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
             if rank == 0:
                 eta = (total_steps - state["step"]) * elapsed / max(steps_timed, 1)
                 log.write({**metrics, "time": time.time()})
-                print(f"[lmflow-ray] step {state['step']}/{total_steps} loss {metrics['loss']:.4f} "
+                ev = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+                print(f"[lmflow-ray] step {state['step']}/{total_steps} loss {metrics['loss']:.4f}{ev} "
                       f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
             if is_save:
                 _save_checkpoint(engine, dict(state), metrics, rank)

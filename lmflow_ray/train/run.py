@@ -24,7 +24,8 @@ RUN_NAME = "ray_train"
 
 
 def resolve_deepspeed(spec: str) -> dict:
-    candidates = [Path(spec), REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json", Path.cwd() / "configs" / "deepspeed" / f"{spec}.json"]
+    candidates = [Path(spec), REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json",
+                  Path.cwd() / "configs" / "deepspeed" / f"{spec}.json"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise UserError(f"deepspeed: '{spec}' is neither zero0|zero2|zero3|zero3_offload nor a JSON file path")
@@ -144,7 +145,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     tokenizer = load_tokenizer(pre["model_path"])
     d = cfg.data
-    dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length, d.packing, cfg.seed)
+    dataset, eval_dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
+                                                      d.packing, cfg.seed, d.eval_split)
     t, s = cfg.train, cfg.scaling
     per_step = t.micro_batch_size * s.num_workers * cfg.gradient_accumulation_steps
     steps_per_epoch = info["rows"] // per_step
@@ -158,11 +160,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     plan = {
         "model_path": pre["model_path"], "tokenizer_path": pre["model_path"], "output_dir": str(out),
         "ds_config": fill_deepspeed(pre["ds"], cfg, bf16), "bf16": bf16, "pad_id": tokenizer.pad_token_id,
+        "resume_checkpoint": str(pre["resume"]) if pre["resume"] else None, "has_eval": eval_dataset is not None,
         "accumulation": cfg.gradient_accumulation_steps, "steps_per_epoch": steps_per_epoch, "total_steps": total,
     }
     print(f"[lmflow-ray] {info['rows']} {'packed ' if info['packing'] else ''}rows of {info['type']}, "
           f"{s.num_workers} worker(s), ZeRO-{plan['ds_config']['zero_optimization'].get('stage', 0)}, "
-          f"{steps_per_epoch} steps/epoch, {total} steps", flush=True)
+          f"{steps_per_epoch} steps/epoch, {total} steps"
+          + (f", {info['eval_rows']} eval rows" if info["eval_rows"] else ""), flush=True)
     resume = pre["resume"]
     trainer = TorchTrainer(
         train_worker,
@@ -176,8 +180,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                                  "OMP_NUM_THREADS": str(max(1, int(s.cpus_per_worker)))}},
         ),
-        datasets={"train": dataset},
-        resume_from_checkpoint=ray.train.Checkpoint(str(resume)) if resume else None,
+        datasets={"train": dataset, **({"eval": eval_dataset} if eval_dataset is not None else {})},
     )
     result = trainer.fit()
     if result.error:
@@ -193,7 +196,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     run = {
         "job": "finetune", "config": cfg.model_dump(mode="json"), "resolved_model": pre["model_path"],
         "data": {"type": info["type"], "instances": pre["data_summary"].instances, "rows": info["rows"],
-                 "packing": info["packing"]},
+                 "eval_rows": info["eval_rows"], "packing": info["packing"]},
         "plan": {k: plan[k] for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
         "deepspeed": plan["ds_config"],
         "versions": {"lmflow_ray": __import__("lmflow_ray").__version__, "ray": ray_mod.__version__,

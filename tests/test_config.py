@@ -1,0 +1,46 @@
+"""Config loading: YAML + --set overrides, typed and validated, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmflow_ray.config import FinetuneConfig, load_config
+from lmflow_ray.errors import UserError
+
+BASE = {"model": "tiny-llama", "data": "d.json", "output_dir": "o"}
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(FinetuneConfig, None, ["train.lr=2e-4", "scaling.num_workers=2", "lora.enabled=true",
+                                             "lora.target_modules=[q_proj, v_proj]", "data.max_length=64"], base=BASE)
+    assert cfg.train.lr == 2e-4 and cfg.scaling.num_workers == 2 and cfg.lora.enabled is True
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.path == "d.json" and cfg.data.max_length == 64  # `data: PATH` became {path: PATH}
+
+
+def test_gradient_accumulation_from_global_batch():
+    cfg = load_config(FinetuneConfig, None, ["train.micro_batch_size=2", "train.global_batch_size=16",
+                                             "scaling.num_workers=2"], base=BASE)
+    assert cfg.gradient_accumulation_steps == 4
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.lr=abc"], "key 'train.lr'"),
+    (["trian.lr=1"], "key 'trian': unknown key"),
+    (["train.lr=-1"], "key 'train.lr': must be > 0"),
+    (["lora.enabled=true", "lisa.enabled=true"], "exclusive"),
+    (["lora.qlora=true"], "lora.qlora needs lora.enabled"),
+    (["data.max_length=4"], "must be >= 8"),
+    (["noequals"], "expected key=value"),
+])
+def test_bad_values_are_one_clear_line(sets, message):
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, None, sets, base=BASE)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: tiny-llama\noutput_dir: o\n")
+    with pytest.raises(UserError, match=r"c.yaml: key 'data': missing required key"):
+        load_config(FinetuneConfig, p)
