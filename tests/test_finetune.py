@@ -223,9 +223,10 @@ def test_lora_adapter_saves_and_merges(ray_session, repo, tmp_path, tiny_llama):
     from lmflow_ray.models.peft_utils import merge_lora
 
     out = tmp_path / "out"
+    modules = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
     run_finetune(make_cfg(repo, out, **{"scaling.num_workers": 1, "train.global_batch_size": 8, "lora.enabled": "true",
                                         "lora.r": 8, "train.save_steps": 0, "train.lr": 3e-2,
-                                        "lora.target_modules": "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"}))
+                                        "lora.target_modules": modules}))
     assert (out / "model" / "adapter_config.json").is_file()
     assert not (out / "model" / "model.safetensors").exists()  # only the adapter is saved
     # A random tiny model with frozen random embeddings/head learns slowly through LoRA alone; the

@@ -10,7 +10,6 @@ how long a window keeps 99% of the rows whole.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from lmflow_ray.errors import UserError
@@ -18,22 +17,14 @@ from lmflow_ray.errors import UserError
 PERCENTILES = (50, 90, 95, 99)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    # Cached per Ray worker process: tasks of one job reuse the process, so load it once.
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def _row_lengths(batch, dtype: str, tokenizer_path: str, template: str | None):
     """map_batches: a batch of normalised rows -> {"length", "learned"} token counts per row."""
     import numpy as np
 
-    from lmflow_ray.data.tokenize import learned_token_count, tokenize_batch
+    from lmflow_ray.data.tokenize import cached_tokenizer, learned_token_count, tokenize_batch
 
     # max_length=None: measure the whole row; cutting is what these figures help decide.
-    examples = tokenize_batch(batch, dtype, _tokenizer(tokenizer_path), template, None)
+    examples = tokenize_batch(batch, dtype, cached_tokenizer(tokenizer_path), template, None)
     return {
         "length": np.array([len(ids) for ids in examples["input_ids"]], dtype=np.int64),
         "learned": np.array([learned_token_count(labels) for labels in examples["labels"]], dtype=np.int64),
@@ -51,7 +42,7 @@ def _collect(ds):
     return np.concatenate(lengths), np.concatenate(learned)
 
 
-def _check_first_row(path: Path, dtype: str, tokenizer_path: str, template: str | None) -> None:
+def check_first_row(path: Path, dtype: str, tokenizer_path: str, template: str | None) -> None:
     """Tokenize the first instance in the driver, so a user mistake (an unknown template, a
     tokenizer without a chat template) is raised here as one clear UserError: from a Ray
     task it would come back as a UserCodeException that no longer carries the original."""
@@ -95,7 +86,7 @@ def token_length_stats(path: str | Path, model: str, dtype: str | None = None, t
             f"not '{summary.type}'; pass a dataset of one of those types"
         )
     tokenizer_path = str(resolve_model(model))
-    _check_first_row(Path(summary.files[0].path), summary.type, tokenizer_path, template)
+    check_first_row(Path(summary.files[0].path), summary.type, tokenizer_path, template)
     init_ray()
     ds, dtype = read_dataset(path, summary.type)
     ds = ds.map_batches(_row_lengths, fn_args=(dtype, tokenizer_path, template), batch_format="numpy",

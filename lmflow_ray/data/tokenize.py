@@ -11,6 +11,7 @@ Sequences longer than `max_length` lose their right end. `tokenize_batch` is the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from lmflow_ray.data.templates import render_segments
@@ -116,3 +117,14 @@ def tokenize_batch(batch: dict[str, Any], dtype: str, tokenizer, template: str |
         else:
             examples.append(tokenize_conversation(row, tokenizer, template, max_length))
     return {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+
+
+@functools.lru_cache(maxsize=4)
+def cached_tokenizer(path: str):
+    """A tokenizer per (Ray worker) process: tasks of one job reuse the process, so load it once."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -15,9 +15,7 @@ from pathlib import Path
 from lmflow_ray.errors import UserError
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool):
-    from peft import LoraConfig, get_peft_model
-
+def check_target_modules(model, target_modules: list[str]) -> None:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in target_modules if t not in names]
     if missing:
@@ -25,6 +23,22 @@ def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[s
             f"lora.target_modules {missing} not found in the model; available linear layers include "
             f"{sorted(n for n in names if n.endswith('proj'))[:12]}"
         )
+
+
+def empty_model(model_path: str, trust_remote_code: bool = False):
+    """The model's module tree without weights (meta device): for config-time checks."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, target_modules)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")

@@ -12,27 +12,15 @@ other (see data/packing.py).
 
 from __future__ import annotations
 
-import functools
-
 from lmflow_ray.errors import UserError
 
 TRAINABLE_TYPES = ("text_only", "text2text", "conversation")
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def _tokenize(batch, dtype: str, tokenizer_path: str, template: str | None, max_length: int | None):
-    from lmflow_ray.data.tokenize import tokenize_batch
+    from lmflow_ray.data.tokenize import cached_tokenizer, tokenize_batch
 
-    return tokenize_batch(batch, dtype, _tokenizer(tokenizer_path), template, max_length)
+    return tokenize_batch(batch, dtype, cached_tokenizer(tokenizer_path), template, max_length)
 
 
 def _pack(batch, block_size: int, whole_samples: bool):

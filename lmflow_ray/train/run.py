@@ -101,7 +101,21 @@ def preflight(cfg: FinetuneConfig) -> dict:
     model_path = resolve_model(cfg.model)
     if (model_path / "adapter_config.json").is_file():
         raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or train its base")
+    if cfg.lora.enabled or cfg.lisa.enabled:
+        from lmflow_ray.models.peft_utils import check_target_modules, decoder_layers, empty_model
+
+        skeleton = empty_model(str(model_path), cfg.trust_remote_code)
+        if cfg.lora.enabled:
+            check_target_modules(skeleton, cfg.lora.target_modules)
+        else:
+            decoder_layers(skeleton)
     summary = validate(cfg.data.path, cfg.data.type)
+    from lmflow_ray.data.source import dataset_type
+    from lmflow_ray.data.stats import check_first_row
+
+    dtype, files = dataset_type(cfg.data.path, cfg.data.type)
+    if dtype in ("conversation", "text2text", "text_only"):
+        check_first_row(files[0], dtype, str(model_path), cfg.data.template)
     return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
 
 
