@@ -86,7 +86,8 @@ def test_zero2_two_workers_loss_falls_and_model_reloads(reference_zero2):
 
 def test_zero3_two_workers_pretraining_packed(ray_session, repo, tmp_path, tiny_llama):
     out = tmp_path / "out"
-    run = run_finetune(make_cfg(repo, out, data=PRETRAIN, deepspeed="zero3", **{"train.num_epochs": 3}))
+    run = run_finetune(make_cfg(repo, out, data=PRETRAIN, deepspeed="zero3",
+                                **{"train.num_epochs": 3, "train.gradient_checkpointing": "true"}))
     assert run["data"]["packing"] is True and run["deepspeed"]["zero_optimization"]["stage"] == 3
     rows = metrics(out)
     assert_loss_falls(rows)

@@ -1,0 +1,41 @@
+"""Pure logic of training: token loss, global-batch scaling, learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmflow_ray.train.loop import lr_lambda
+from lmflow_ray.train.objectives import micro_batch_loss_scale, token_nll_sum
+
+
+def test_token_nll_sum_on_hand_numbers():
+    # Vocabulary of 2; logits (0, ln 3) give p(token 1) = 3/4, p(token 0) = 1/4.
+    logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)], [0.0, math.log(3)]]])
+    labels = torch.tensor([[-100, 1, 0]])  # position 0 predicts label 1, position 1 predicts label 0
+    total, count = token_nll_sum(logits, labels)
+    assert int(count) == 2
+    assert float(total) == pytest.approx(-math.log(0.75) - math.log(0.25), rel=1e-6)
+    total, count = token_nll_sum(logits, torch.tensor([[-100, -100, -100]]))
+    assert int(count) == 0 and float(total) == 0.0
+
+
+def test_scale_makes_deepspeed_average_equal_the_global_token_mean():
+    # 2 workers x 2 accumulation steps, micro-batch token sums s and counts n.
+    sums, counts = [[4.0, 2.0], [9.0, 1.0]], [[2, 1], [6, 1]]
+    world, gas, n_global = 2, 2, sum(map(sum, counts))
+    scale = micro_batch_loss_scale(world, gas, n_global)
+    # DeepSpeed: each backward divides by gas, then gradients are averaged over the world.
+    deepspeed_loss = sum(sum(s * scale / gas for s in worker) for worker in sums) / world
+    assert deepspeed_loss == pytest.approx(sum(map(sum, sums)) / n_global)
+
+
+def test_lr_schedules():
+    cos = lr_lambda("cosine", warmup=2, total=10)
+    assert [cos(0), cos(1)] == [0.5, 1.0]  # linear warmup
+    assert cos(2) == pytest.approx(1.0) and cos(6) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
+    lin = lr_lambda("linear", warmup=0, total=10)
+    assert lin(5) == pytest.approx(0.5) and lin(10) == pytest.approx(0.0)
+    assert lr_lambda("constant", 0, 10)(7) == 1.0
