@@ -73,7 +73,9 @@ def main() -> dict:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    # 1 by default: on a shared machine, 2 OpenMP threads on 2 cores stall whenever another process
+    # runs (steps seen 50x slower than with 1 thread), which would swamp the comparison.
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     args = p.parse_args()
 
     from lmflow_ray.models.zoo import fetch_model

@@ -89,6 +89,13 @@ def packed_blocks(examples: list[dict], block: int) -> list[dict]:
     return pack_sequences(examples, block)
 
 
+def real_in_block(block: dict) -> int:
+    """Non-padding positions of a packed block (its tail is PAD_ID; main() checks the total)."""
+    from lmflow_ray.data.packing import PAD_ID
+
+    return sum(1 for t in block["input_ids"] if t != PAD_ID)
+
+
 def fit_to_micro_batch(convs: list[dict], examples: list[dict], block: int, micro: int):
     """Drop trailing conversations until the packed block count divides by the micro batch, so the
     project (which drops an incomplete last micro-batch) trains on every sample the baseline sees."""
@@ -177,6 +184,60 @@ def run_baseline(model_path: str, examples: list[dict], batch_size: int, tmp: Pa
     return {**json.loads((tmp / "baseline.json").read_text()), "wall_s": time.time() - wall}
 
 
+def interleaved_check(model_path: str, examples: list[dict], blocks: list[dict], micro: int, batch_size: int,
+                      pairs: int, args) -> dict:
+    """Packing alone, robust to a machine whose load drifts: one process, one model, alternating a
+    packed step (the project's collate + token_nll_sum) with a padded step (the baseline's
+    DataCollatorForSeq2Seq + the model's own loss), each forward + backward + AdamW step.
+    No Ray, no DeepSpeed, no Trainer: the ratio is what packing buys on this data."""
+    import torch
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+    from lmflow_ray.models.loading import load_tokenizer
+    from lmflow_ray.train.data import collate
+    from lmflow_ray.train.objectives import token_nll_sum
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    pad_collator = DataCollatorForSeq2Seq(load_tokenizer(model_path), padding=True)
+    order = list(range(len(examples)))
+    random.Random(args.seed).shuffle(order)
+
+    def packed(i: int) -> tuple[float, int]:
+        rows = blocks[micro * i: micro * (i + 1)]
+        batch = collate({k: [r[k] for r in rows] for k in rows[0]}, 0)
+        t = time.perf_counter()
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        nll, n = token_nll_sum(logits, batch["labels"])
+        (nll / n).backward()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - t, sum(real_in_block(r) for r in rows)
+
+    def padded(i: int) -> tuple[float, int]:
+        rows = [examples[j] for j in order[batch_size * i: batch_size * (i + 1)]]
+        batch = pad_collator([{**r, "attention_mask": [1] * len(r["input_ids"])} for r in rows])
+        t = time.perf_counter()
+        model(**batch, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - t, sum(len(r["input_ids"]) for r in rows)
+
+    packed(0), padded(0)  # warm-up: first-step allocations
+    totals = {"packed": [0.0, 0], "padded": [0.0, 0]}
+    for i in range(1, pairs + 1):
+        for name, step in (("packed", packed), ("padded", padded)):
+            dt, real = step(i)
+            totals[name][0] += dt
+            totals[name][1] += real
+    rates = {k: v[1] / v[0] for k, v in totals.items()}
+    return {"pairs": pairs, "packed_real_tokens_per_s": round(rates["packed"], 2),
+            "padded_real_tokens_per_s": round(rates["padded"], 2),
+            "ratio": round(rates["packed"] / rates["padded"], 3)}
+
+
 def versions() -> dict:
     import deepspeed
     import ray
@@ -195,12 +256,16 @@ def machine() -> dict:
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    p.add_argument("--samples", type=int, default=40, help="conversations generated (fewer if trimmed to fit blocks)")
+    p.add_argument("--samples", type=int, default=64, help="conversations generated (fewer if trimmed to fit blocks)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--interleaved-pairs", type=int, default=3,
+                   help="packed/padded step pairs of the in-process cross-check (0: skip it)")
+    # 1 by default: on a shared machine, 2 OpenMP threads on 2 cores stall whenever another process
+    # runs (steps seen 50x slower than with 1 thread), which would swamp the comparison.
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     args = p.parse_args()
 
     from lmflow_ray.models.zoo import fetch_model
@@ -212,6 +277,8 @@ def main() -> dict:
     lengths = [len(e["input_ids"]) for e in examples]
     real_tokens = sum(lengths)
     blocks = packed_blocks(examples, args.max_length)
+    if sum(real_in_block(b) for b in blocks) != real_tokens:
+        raise SystemExit("packed blocks do not hold exactly the dataset's tokens (pad id used by the data?)")
     project_steps = len(blocks) // args.micro_batch
     batch_size = max(1, round(len(examples) / project_steps))
 
@@ -226,6 +293,8 @@ def main() -> dict:
         load_mid = os.getloadavg()[0]
         base = run_baseline(model_path, examples, batch_size, tmp, args)
         load_after = os.getloadavg()[0]
+    check = interleaved_check(model_path, examples, blocks, args.micro_batch, batch_size,
+                              min(args.interleaved_pairs, project_steps - 1), args) if args.interleaved_pairs else None
 
     last = proj["rows"][-1]
     project_positions = len(blocks) * args.max_length
@@ -258,6 +327,7 @@ def main() -> dict:
         "ratio_tokens_per_s": round(project["real_tokens_per_s"] / baseline["real_tokens_per_s"], 3),
         "ratio_max_rss": round(project["max_rss_mb"] / baseline["max_rss_mb"], 3),
         "goal_ratio": 1.3,
+        "interleaved_packing_only": check,
         "load_avg_1m": {"before": load_before, "between": load_mid, "after": load_after},
         "machine": machine(), "versions": versions(),
     }

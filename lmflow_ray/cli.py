@@ -69,6 +69,17 @@ def cmd_merge_lora(args) -> int:
     return 0
 
 
+def cmd_infer(args) -> int:
+    from lmflow_ray.inference.engine import SamplingParams
+    from lmflow_ray.inference.run import infer
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, stop=args.stop, seed=args.seed)
+    extra = {"draft_model": args.draft_model} if args.draft_model else {}
+    return infer(args.model, args.data, args.out, engine=args.engine, stream=args.stream, params=params,
+                 template=args.template, batch_size=args.batch_size, **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmflow-ray", description="Adapt foundation models end to end on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True)
     m.set_defaults(func=cmd_merge_lora)
+
+    inf = sub.add_parser("infer", help="answer every prompt of a dataset; writes a text2text file")
+    inf.add_argument("--model", required=True, help="zoo name, model dir, training output or LoRA adapter dir")
+    inf.add_argument("--data", required=True, help="text2text (input), conversation or text_only dataset")
+    inf.add_argument("--out", required=True, help="text2text file to write (must not exist)")
+    inf.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    inf.add_argument("--stream", action="store_true", help="print tokens as they arrive (one prompt at a time)")
+    inf.add_argument("--max-tokens", type=int, default=256)
+    inf.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    inf.add_argument("--top-p", type=float, default=1.0)
+    inf.add_argument("--top-k", type=int, default=0, help="0 = off")
+    inf.add_argument("--seed", type=int, help="makes sampling reproducible")
+    inf.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    inf.add_argument("--template", help="conversation template (default: the tokenizer's own)")
+    inf.add_argument("--draft-model", help="speculative decoding draft (hf engine, greedy)")
+    inf.add_argument("--batch-size", type=int, default=16)
+    inf.set_defaults(func=cmd_infer)
 
     d = sub.add_parser("demo", help="fetch the default model, chat with it, finetune it briefly")
     d.add_argument("--model", default="smollm2-135m-instruct")

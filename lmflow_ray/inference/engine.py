@@ -1,0 +1,104 @@
+"""The one generation interface every caller uses (batch inference, eval, RLHF rollouts, serving).
+
+An engine turns prompts into completions under `SamplingParams`; `HFEngine` (plain
+transformers, streaming, speculative decoding) and `VLLMEngine` (vllm_engine.py) implement
+the same methods. The parameter and result types follow vLLM's
+(`SamplingParams`, `CompletionOutput`) so that engine is a thin adapter: `max_tokens`,
+`n`, `stop`, per-token `logprobs` of the raw model distribution, `finish_reason` "stop"
+(end-of-sequence token or stop string) or "length". `chat` is written once here: it
+renders each conversation with the tokenizer's chat template, or a named template from
+`data/templates.py` so inference sees exactly the text training did, then generates
+without adding special tokens again (the rendered text already holds them).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmflow_ray.errors import UserError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. temperature 0 = greedy; top_k 0 = off; seed None = not reproducible."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"sampling parameters: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One generated continuation. `token_ids` include a final end-of-sequence token; `text` does not."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None  # log p(token) under the model's raw distribution, one per token_ids entry
+    finish_reason: Literal["stop", "length"]
+
+
+class Engine(ABC):
+    """Prompts in, completions out. Subclasses set `tokenizer` and `template` and implement generate/stream."""
+
+    tokenizer = None
+    template: str | None = None  # named conversation template; None = the tokenizer's chat_template
+
+    @abstractmethod
+    def generate(self, prompts: list[str], params: SamplingParams,
+                 add_special_tokens: bool = True) -> list[list[Completion]]:
+        """`params.n` completions for each prompt, in prompt order."""
+
+    @abstractmethod
+    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True) -> Iterator[str]:
+        """Text pieces of one completion as they are generated; their join is the completion's text."""
+
+    def chat_prompt(self, messages: list[dict], system: str | None = None) -> str:
+        """The generation prompt for a conversation: its turns so far, then the assistant header."""
+        from lmflow_ray.data.templates import render_prompt
+
+        return render_prompt(list(messages), system or "", self.template, self.tokenizer)
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams,
+             system: str | None = None) -> list[list[Completion]]:
+        prompts = [self.chat_prompt(msgs, system) for msgs in conversations]
+        return self.generate(prompts, params, add_special_tokens=False)
+
+
+def make_engine(kind: str, model, **kw) -> Engine:
+    """An engine of `kind` ("hf" | "vllm") for a zoo name, model dir, training output or adapter dir."""
+    if kind == "hf":
+        from lmflow_ray.inference.hf import HFEngine
+
+        return HFEngine.load(model, **kw)
+    if kind == "vllm":
+        from lmflow_ray.inference.vllm_engine import VLLMEngine
+
+        return VLLMEngine.load(model, **kw)
+    raise UserError(f"unknown engine '{kind}'; use hf or vllm")
