@@ -97,29 +97,38 @@ def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama):
     env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    # Every port of this head is free-picked: the session's own Ray cluster (other tests) already
+    # holds the defaults, e.g. the dashboard agent's 52365, and a clash leaves `ray job submit` with
+    # "No available agent" forever.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     ray = str(Path(venv_bin) / "ray")
     # Short path: Ray's unix sockets live under the temp dir (107-character limit).
     temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
                    check=True, env=env, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
     try:
-        for _ in range(20):  # the head's job agent takes a few seconds to come up after `ray start`
+        deadline = time.time() + 300
+        while True:  # the head's job agent takes seconds (a minute or more on a loaded machine) to come up
             proc = subprocess.run(
                 [ray, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
                  "python", "jobs/finetune.py", "--config", "configs/sft_tiny_zero3.yaml",
                  "--set", f"output_dir={out}", "--set", "train.num_epochs=1"],
                 env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in proc.stderr + proc.stdout:
+            if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
                 break
-            time.sleep(3)
+            time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
-        status = subprocess.run([ray, "job", "status", "--address", address, job_id], env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        status = subprocess.run(
+            [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+             "print(C(sys.argv[1]).get_job_status(sys.argv[2]))", address, job_id],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr
         for name in ("model/config.json", "model/model.safetensors", "metrics.jsonl", "run.json"):
             assert (out / name).exists(), name
         run = json.loads((out / "run.json").read_text())

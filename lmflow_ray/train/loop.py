@@ -234,7 +234,7 @@ def train_worker(args: dict) -> None:
     pad_id = plan["pad_id"]
     probe = None
     t0, steps_timed = time.time(), 0
-    window_tokens = 0.0
+    window_tokens, window_start = 0.0, t0  # tokens/s is measured over the steps since the last log line
     done = state["step"] >= total_steps
     while not done and state["epoch"] < t.num_epochs:
         batches = iter(shard.iter_torch_batches(batch_size=t.micro_batch_size, drop_last=True,
@@ -277,7 +277,8 @@ def train_worker(args: dict) -> None:
             metrics = {
                 "step": state["step"], "epoch": state["epoch"], "loss": global_loss_sum / max(global_tokens, 1),
                 "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": window_tokens / max(elapsed, 1e-9), "learned_tokens": int(global_tokens),
+                "tokens_per_s": window_tokens / max(time.time() - window_start, 1e-9),
+                "learned_tokens": int(global_tokens),
                 "tokens_seen": state["tokens"], "elapsed_s": elapsed,
                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
@@ -294,6 +295,7 @@ def train_worker(args: dict) -> None:
                       f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
             if is_save:
                 _save_checkpoint(engine, dict(state), metrics, rank)
+            window_tokens, window_start = 0.0, time.time()
             if done:
                 break
         if state["step_in_epoch"] >= steps_per_epoch:
