@@ -125,8 +125,8 @@ def test_lora_adapter_and_rope_scaling_change_the_output(tiny_llama, greedy, tmp
 
 
 def test_bad_requests_are_user_errors(tiny_llama):
-    with pytest.raises(UserError, match="vllm engine not built yet"):
-        make_engine("vllm", tiny_llama)
+    with pytest.raises(UserError, match="unknown engine 'tgi'"):
+        make_engine("tgi", tiny_llama)
     with pytest.raises(UserError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(UserError, match="max_tokens"):

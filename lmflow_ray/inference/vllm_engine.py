@@ -51,6 +51,9 @@ class VLLMEngine(Engine):
             lora = LoRARequest("adapter", 1, str(path))
         else:
             base = str(path)
+        # Never ask for more context than the model was built for (vLLM refuses that).
+        trained = json.loads((Path(base) / "config.json").read_text()).get("max_position_embeddings")
+        max_model_len = min(max_model_len, int(trained)) if trained else max_model_len
         llm = LLM(model=base, tokenizer=base, dtype=dtype or ("bfloat16" if _cuda() else "float32"),
                   max_model_len=max_model_len, enforce_eager=not _cuda(), seed=0, **engine_kwargs)
         tok_dir = path if (Path(path) / "tokenizer_config.json").is_file() else base
