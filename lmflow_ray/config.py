@@ -39,7 +39,6 @@ class DataConfig(Strict):
     packing: bool | None = None
     # Held out for evaluation: a fraction (0 < x < 1) or a number of rows (>= 1); 0 = none.
     eval_split: float = 0.0
-    shuffle_seed: int = 0
 
     @field_validator("max_length")
     @classmethod

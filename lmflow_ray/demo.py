@@ -45,12 +45,3 @@ def run_demo(args) -> int:
     print(f"[demo] outputs: {out} (model/, metrics.jsonl, loss.png, run.json); {time.time() - t0:.0f}s")
     return 0
 
-
-def main() -> None:  # pragma: no cover
-    import argparse
-
-    run_demo(argparse.Namespace(model="smollm2-135m-instruct", skip_train=False))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

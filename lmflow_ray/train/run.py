@@ -110,12 +110,10 @@ def preflight(cfg: FinetuneConfig) -> dict:
         else:
             decoder_layers(skeleton)
     summary = validate(cfg.data.path, cfg.data.type)
-    from lmflow_ray.data.source import dataset_type
     from lmflow_ray.data.stats import check_first_row
 
-    dtype, files = dataset_type(cfg.data.path, cfg.data.type)
-    if dtype in ("conversation", "text2text", "text_only"):
-        check_first_row(files[0], dtype, str(model_path), cfg.data.template)
+    if summary.type in ("conversation", "text2text", "text_only"):
+        check_first_row(Path(summary.files[0].path), summary.type, str(model_path), cfg.data.template)
     return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
 
 
