@@ -76,8 +76,56 @@ def cmd_infer(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, stop=args.stop, seed=args.seed)
     extra = {"draft_model": args.draft_model} if args.draft_model else {}
+    if args.rope_scaling:
+        extra["rope_scaling"] = _json_arg("--rope-scaling", args.rope_scaling)
     return infer(args.model, args.data, args.out, engine=args.engine, stream=args.stream, params=params,
                  template=args.template, batch_size=args.batch_size, **extra)
+
+
+def cmd_serve(args) -> int:
+    from lmflow_ray.serve.app import run_server
+    from lmflow_ray.serve.config import parse_serve_config, read_serve_yaml
+
+    if args.config and args.model:
+        raise UserError("give either --config (a serve YAML) or --model, not both")
+    if args.config:
+        cfg, http = read_serve_yaml(args.config)
+    elif args.model:
+        models = []
+        for i, item in enumerate(args.model):
+            name, _, path = item.rpartition("=")
+            spec = {"path": path, "engine": args.engine, **({"name": name} if name else {})}
+            if i == 0:
+                adapters = dict(a.split("=", 1) for a in args.adapter if "=" in a)
+                bad = [a for a in args.adapter if "=" not in a]
+                if bad:
+                    raise UserError(f"--adapter '{bad[0]}': expected NAME=ADAPTER_DIR")
+                spec.update(adapters=adapters, max_batch_size=args.max_batch_size, max_tokens_limit=args.max_tokens_limit)
+                if args.template:
+                    spec["template"] = args.template
+                if args.draft_model:
+                    spec["draft_model"] = args.draft_model
+                if args.rope_scaling:
+                    spec["rope_scaling"] = _json_arg("--rope-scaling", args.rope_scaling)
+            models.append(spec)
+        cfg, http = parse_serve_config({"models": models}, "command line"), {}
+    else:
+        raise UserError("give --model M (repeatable, NAME=PATH to name it) or --config serve/X.yaml")
+    host = args.host or http.get("host") or "127.0.0.1"
+    port = args.port or int(http.get("port") or 8000)
+    run_server(cfg, host=host, port=port, blocking=True)
+    return 0
+
+
+def _json_arg(flag: str, raw: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        example = '{"rope_type": "linear", "factor": 2.0}'
+        raise UserError(f"{flag}: not valid JSON ({e.msg}); e.g. {flag} '{example}'") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag}: expected a JSON object")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     inf.add_argument("--template", help="conversation template (default: the tokenizer's own)")
     inf.add_argument("--draft-model", help="speculative decoding draft (hf engine, greedy)")
+    inf.add_argument("--rope-scaling", help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\' (hf engine)')
     inf.add_argument("--batch-size", type=int, default=16)
     inf.set_defaults(func=cmd_infer)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API on Ray Serve")
+    sv.add_argument("--model", action="append", default=[], metavar="[NAME=]PATH",
+                    help="zoo name, model dir, training output or adapter dir (repeatable)")
+    sv.add_argument("--config", help="a serve YAML (the same file `serve run` takes)")
+    sv.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="LoRA adapter of the first model, served as model id NAME (repeatable)")
+    sv.add_argument("--host", help="default 127.0.0.1")
+    sv.add_argument("--port", type=int, help="default 8000")
+    sv.add_argument("--template", help="conversation template (default: the tokenizer's own)")
+    sv.add_argument("--draft-model", help="speculative decoding draft (hf engine, greedy requests)")
+    sv.add_argument("--rope-scaling", help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\' (hf engine)')
+    sv.add_argument("--max-batch-size", type=int, default=16)
+    sv.add_argument("--max-tokens-limit", type=int, default=1024)
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="fetch the default model, chat with it, finetune it briefly")
     d.add_argument("--model", default="smollm2-135m-instruct")

@@ -6,6 +6,7 @@ Tests that start their own Ray head (ray job submit) run in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Read by the served app in tests/test_serve.py: set before the session's Ray cluster starts so
+# that its workers (the Serve replicas) inherit it, as they inherit a user's exported key.
+TEST_API_KEY = "test-key-1234"
+os.environ["LMFLOW_RAY_TEST_API_KEY"] = TEST_API_KEY
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +54,53 @@ def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path =
 
     return subprocess.run([sys.executable, "-m", "lmflow_ray", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def private_ray_head(num_cpus: int = 8):
+    """A separate Ray head on free ports for CLI tests (`ray job submit`, `serve run`).
+
+    Yields (env, gcs_address, dashboard_url). Every port is free-picked: the session's own
+    cluster already holds the defaults (e.g. the dashboard agent's 52365), and a clash leaves
+    the new head without an agent. Ray 2.60 clusters use token auth: with RAY_AUTH_MODE=token
+    clients read ~/.ray/auth_token (made by `ray start` when missing).
+    """
+    import subprocess
+    import tempfile
+
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    # Short path: Ray's unix sockets live under the temp dir (107-character limit).
+    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
+    subprocess.run([str(Path(venv_bin) / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+                    "--disable-usage-stats", *ports], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    finally:
+        stop_head(temp)
+
+
+def stop_head(temp: Path) -> None:
+    """Stop only the head started above (`ray stop` would also kill the session's cluster)."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    for p in procs:
+        p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()

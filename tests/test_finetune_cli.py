@@ -8,18 +8,15 @@ its own Ray head with `ray start --head`, submits jobs/finetune.py and waits for
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import private_ray_head, run_cli
 
 BASE = {
     "model": "tiny-llama",
@@ -83,35 +80,11 @@ def test_config_file_errors(tmp_path):
     assert proc.returncode == 2 and "config file not found" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama):
-    venv_bin = str(Path(sys.executable).parent)
-    # Ray 2.60 clusters use token auth; with RAY_AUTH_MODE=token the CLI reads ~/.ray/auth_token
-    # (made by `ray start` when missing), so `ray job submit` authenticates like the README says.
-    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
-    # Every port of this head is free-picked: the session's own Ray cluster (other tests) already
-    # holds the defaults, e.g. the dashboard agent's 52365, and a clash leaves `ray job submit` with
-    # "No available agent" forever.
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    ray = str(Path(venv_bin) / "ray")
-    # Short path: Ray's unix sockets live under the temp dir (107-character limit).
-    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=8", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *ports],
-                   check=True, env=env, capture_output=True, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "out"
-    try:
+    with private_ray_head() as (env, _, address):
+        ray = str(Path(sys.executable).parent / "ray")
         deadline = time.time() + 300
         while True:  # the head's job agent takes seconds (a minute or more on a loaded machine) to come up
             proc = subprocess.run(
@@ -129,21 +102,7 @@ def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama):
              "print(C(sys.argv[1]).get_job_status(sys.argv[2]))", address, job_id],
             env=env, capture_output=True, text=True, timeout=120)
         assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr
-        for name in ("model/config.json", "model/model.safetensors", "metrics.jsonl", "run.json"):
-            assert (out / name).exists(), name
-        run = json.loads((out / "run.json").read_text())
-        assert run["final"]["step"] == run["plan"]["total_steps"] == 16
-    finally:
-        stop_head(temp)
-
-
-def stop_head(temp: Path) -> None:
-    """Stop only the head started above (`ray stop` would also kill the session's cluster)."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
-    for p in procs:
-        p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        p.kill()
+    for name in ("model/config.json", "model/model.safetensors", "metrics.jsonl", "run.json"):
+        assert (out / name).exists(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["final"]["step"] == run["plan"]["total_steps"] == 16

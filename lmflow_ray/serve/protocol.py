@@ -1,0 +1,133 @@
+"""OpenAI-compatible request and response shapes (the subset lmflow-ray serves).
+
+Requests are pydantic models: a wrong type, a missing field or an unknown role becomes a 400
+in OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, naming the
+field. Unknown extra fields are ignored, as clients send fields we do not use.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class APIError(Exception):
+    """An error answered to the client as `status` + OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_body(cls, status: int, body: dict) -> APIError:
+        e = body["error"]
+        return cls(status, e["message"], e["type"], e.get("param"), e.get("code"))
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    model: str
+    max_tokens: int | None = Field(default=None, description="None: up to the context limit (and max_tokens_limit)")
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, description="an extension of OpenAI's API; 0 = off")
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and v < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+
+    def plain_messages(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_response(model: str, groups: list[list[dict]], prompt_tokens: int) -> dict:
+    choices, completion_tokens = [], 0
+    for i, c in enumerate(groups[0]):
+        choices.append({"index": i, "message": {"role": "assistant", "content": c["text"]},
+                        "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs")})
+        completion_tokens += c["tokens"]
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_response(model: str, groups: list[list[dict]], prompt_tokens: int) -> dict:
+    choices, completion_tokens = [], 0
+    for group in groups:
+        for c in group:
+            choices.append({"index": len(choices), "text": c["text"], "finish_reason": c["finish_reason"],
+                            "logprobs": c.get("logprobs")})
+            completion_tokens += c["tokens"]
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}

@@ -1,0 +1,247 @@
+"""The Ray Serve OpenAI-compatible app over real HTTP, with the official `openai` client.
+
+One Serve instance on a free port of the session's Ray cluster hosts three applications:
+- "/": SmolLM2 (HF engine, dynamic batching) beside tiny-llama and a LoRA adapter of it,
+  behind the API key `LMFLOW_RAY_TEST_API_KEY` (set in conftest before Ray starts);
+- "/tinyqueue": tiny-llama with a queue of one running + one waiting request (overload);
+- "/vllm": SmolLM2 on the vLLM engine (continuous batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import TEST_API_KEY, free_port
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_llama, tmp_path_factory):
+    """A LoRA adapter of tiny-llama with random B matrices (so it changes the output)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lmflow_ray.models.loading import load_for_generation
+
+    base, tok = load_for_generation(tiny_llama)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter") / "tiny-lora"
+    lora.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, smollm2, tiny_llama, tiny_adapter):
+    from ray import serve
+
+    from lmflow_ray.serve.app import build
+    from lmflow_ray.serve.config import parse_serve_config
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = parse_serve_config({
+        "api_key_env": "LMFLOW_RAY_TEST_API_KEY",
+        "models": [
+            {"name": "smollm2", "path": str(smollm2), "max_batch_size": 16, "max_tokens_limit": 512,
+             "torch_threads": 1},
+            {"name": "tiny", "path": str(tiny_llama), "adapters": {"tiny-lora": str(tiny_adapter)}, "num_cpus": 0.5,
+             "torch_threads": 1},
+        ]})
+    tiny_queue = parse_serve_config({"api_key_env": "UNSET_KEY_VAR", "models": [
+        {"name": "tiny", "path": str(tiny_llama), "max_batch_size": 1, "max_ongoing_requests": 1,
+         "max_queued_requests": 1, "num_cpus": 0.5, "torch_threads": 1}]})
+    vllm = parse_serve_config({"api_key_env": "UNSET_KEY_VAR", "models": [
+        {"name": "smollm2", "path": str(smollm2), "engine": "vllm", "max_model_len": 1024, "kv_cache_gb": 1}]})
+    for name, cfg, prefix in [("main", main, "/"), ("tinyqueue", tiny_queue, "/tinyqueue"), ("vllm", vllm, "/vllm")]:
+        serve.run(build(cfg), name=name, route_prefix=prefix, blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=300)
+
+
+def _chat(client, model="smollm2", **kw):
+    return client.chat.completions.create(model=model, messages=QUESTION, **{"max_tokens": 24, "temperature": 0, **kw})
+
+
+# ----------------------------------------------------------------------------- openai client
+
+
+def test_chat_and_completion(client):
+    r = _chat(client)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 10
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert "Paris" in c.choices[0].text and c.usage.completion_tokens == 8 and c.choices[0].finish_reason == "length"
+
+
+def test_streaming_chat_arrives_in_pieces_before_the_end(client):
+    full = _chat(client, max_tokens=32).choices[0].message.content
+    t0, arrivals, pieces = time.time(), [], []
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=32, temperature=0, stream=True)
+    finish = None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+            arrivals.append(time.time() - t0)
+        finish = choice.finish_reason or finish
+    assert "".join(pieces) == full
+    assert len(pieces) >= 3 and finish == "stop"
+    # Tokens arrive over time, not all at once at the end.
+    assert arrivals[-1] - arrivals[0] > 0.05, arrivals
+
+
+def test_n_choices_seed_and_stop(client):
+    r = _chat(client, n=3, temperature=1.0, seed=7, max_tokens=12)
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content for c in r.choices)
+    again = _chat(client, n=3, temperature=1.0, seed=7, max_tokens=12)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    full = _chat(client).choices[0].message.content
+    cut = _chat(client, stop=["Paris"]).choices[0]
+    assert cut.message.content == full[: full.index("Paris")] and cut.finish_reason == "stop"
+
+
+def test_models_are_listed_and_routed_by_model_field(client, tiny_llama, tiny_adapter):
+    from lmflow_ray.inference.engine import SamplingParams, make_engine
+
+    listed = {m.id: m for m in client.models.list().data}
+    assert set(listed) == {"smollm2", "tiny", "tiny-lora"}
+    assert listed["tiny-lora"].model_extra["parent"] == "tiny"
+    params = SamplingParams(max_tokens=12)
+    for model, path in [("tiny", tiny_llama), ("tiny-lora", tiny_adapter)]:
+        got = client.completions.create(model=model, prompt="the cat sat", max_tokens=12, temperature=0).choices[0].text
+        assert got == make_engine("hf", path).generate(["the cat sat"], params)[0][0].text, model
+    base = client.completions.create(model="tiny", prompt="the cat sat", max_tokens=12, temperature=0)
+    lora = client.completions.create(model="tiny-lora", prompt="the cat sat", max_tokens=12, temperature=0)
+    assert base.choices[0].text != lora.choices[0].text
+
+
+def test_logprobs_are_returned(client):
+    r = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(x <= 0 for x in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+
+
+# ----------------------------------------------------------------------------- errors, auth
+
+
+BAD = [
+    ("invalid JSON", b'{"model": "smollm2", "messages": [', 400, None),
+    ("unknown model", {"model": "gpt-9", "messages": QUESTION}, 404, "model"),
+    ("missing messages", {"model": "smollm2"}, 400, "messages"),
+    ("wrong type", {"model": "smollm2", "messages": QUESTION, "temperature": "hot"}, 400, "temperature"),
+    ("messages not a list", {"model": "smollm2", "messages": "hi"}, 400, "messages"),
+    ("max_tokens 0", {"model": "smollm2", "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens over the limit", {"model": "smollm2", "messages": QUESTION, "max_tokens": 100000}, 400, "max_tokens"),
+    ("prompt longer than the context", {"model": "smollm2", "messages": [{"role": "user", "content": "word " * 9000}]},
+     400, "messages"),
+    ("unknown role", {"model": "smollm2", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("n too large", {"model": "smollm2", "messages": QUESTION, "n": 1000}, 400, "n"),
+]
+
+
+@pytest.mark.parametrize("what,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_openai_error_and_server_keeps_serving(server, what, body, status, param):
+    headers = {"Authorization": f"Bearer {TEST_API_KEY}", "Content-Type": "application/json"}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server}/v1/chat/completions", content=data, headers=headers, timeout=120)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param, err
+    ok = httpx.post(f"{server}/v1/chat/completions", headers=headers, timeout=120,
+                    json={"model": "tiny", "messages": QUESTION, "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_api_key_is_checked_except_on_health(server):
+    assert httpx.get(f"{server}/health").status_code == 200
+    r = httpx.get(f"{server}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(f"{server}/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    assert httpx.get(f"{server}/v1/models", headers={"Authorization": f"Bearer {TEST_API_KEY}"}).status_code == 200
+    # The other apps have no key configured: open.
+    assert httpx.get(f"{server}/tinyqueue/v1/models").status_code == 200
+
+
+# ----------------------------------------------------------------------------- load
+
+
+async def _fire(url: str, bodies: list[dict], headers: dict | None = None) -> list[tuple[int, float, dict]]:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(bodies))) as c:
+        async def one(body):
+            t0 = time.perf_counter()
+            r = await c.post(url, json=body, headers=headers)
+            return r.status_code, time.perf_counter() - t0, r.json()
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_64_concurrent_chats_all_succeed(server):
+    prompts = [f"Name a fruit that is {c}." for c in ("red", "yellow", "green", "orange")] * 16
+    bodies = [{"model": "smollm2", "messages": [{"role": "user", "content": p}], "max_tokens": 12, "temperature": 0}
+              for p in prompts]
+    t0 = time.perf_counter()
+    results = asyncio.run(_fire(f"{server}/v1/chat/completions", bodies, {"Authorization": f"Bearer {TEST_API_KEY}"}))
+    wall = time.perf_counter() - t0
+    assert [s for s, _, _ in results] == [200] * 64, [r for r in results if r[0] != 200][:2]
+    # Same prompt, greedy: the same answer whichever batch it landed in.
+    texts = [r[2]["choices"][0]["message"]["content"] for r in results]
+    for i in range(4):
+        assert len({texts[j] for j in range(i, 64, 4)}) == 1, texts[i::4]
+    lat = sorted(t for _, t, _ in results)
+    print(f"\n64 concurrent chats: {64 / wall:.2f} req/s, p50 {statistics.median(lat):.2f} s, p99 {lat[-1]:.2f} s")
+
+
+def test_overload_gets_503_not_a_hang(server):
+    bodies = [{"model": "tiny", "messages": QUESTION, "max_tokens": 64, "temperature": 0}] * 64
+    results = asyncio.run(_fire(f"{server}/tinyqueue/v1/chat/completions", bodies))
+    statuses = [s for s, _, _ in results]
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+    refused = next(b for s, _, b in results if s == 503)
+    assert refused["error"]["type"] == "overloaded_error"
+    # Refusals are immediate, and the server is fine afterwards.
+    assert min(t for s, t, _ in results if s == 503) < 5
+    r = httpx.post(f"{server}/tinyqueue/v1/chat/completions", json=bodies[0], timeout=120)
+    assert r.status_code == 200
+
+
+# ----------------------------------------------------------------------------- vLLM engine
+
+
+def test_vllm_app_chat_stream_and_n(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/vllm/v1", api_key="none", max_retries=0, timeout=300)
+    r = _chat(client)
+    assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(
+        model="smollm2", messages=QUESTION, max_tokens=24, temperature=0, stream=True) if c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces) == r.choices[0].message.content
+    many = _chat(client, n=2, temperature=1.0, seed=3, max_tokens=8)
+    assert len(many.choices) == 2
+    # Concurrent requests share the running batch (continuous batching): 16 at once all succeed.
+    bodies = [{"model": "smollm2", "messages": QUESTION, "max_tokens": 8, "temperature": 0}] * 16
+    results = asyncio.run(_fire(f"{server}/vllm/v1/chat/completions", bodies))
+    assert [s for s, _, _ in results] == [200] * 16
+    assert len({b["choices"][0]["message"]["content"] for _, _, b in results}) == 1
