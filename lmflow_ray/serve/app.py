@@ -260,6 +260,20 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self):
+        """200 once every model has a replica answering; 503 while loading, or when one is down or overloaded."""
+        import asyncio
+
+        async def ready(server) -> bool:
+            try:
+                await asyncio.wait_for(server.info.remote(), timeout=10)
+                return True
+            except Exception:
+                return False
+
+        states = await asyncio.gather(*(ready(s) for s in self.servers.values()))
+        down = [name for name, ok in zip(self.servers, states) if not ok]
+        if down:
+            return JSONResponse({"status": "unavailable", "models": down}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -337,7 +351,14 @@ def build(cfg: ServeConfig):
         servers[spec.name] = ModelServer.options(**opts).bind(spec.model_dump())
         for m in spec.ids:
             owners[m], bases[m] = spec.name, spec.path
-    return OpenAIIngress.options(max_ongoing_requests=cfg.max_ongoing_requests).bind(servers, owners, bases, cfg.api_key_env)
+    actor = {"num_cpus": 0}
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        # Where the app is built (the `lmflow-ray serve` driver, or the cluster for `serve run`) has the
+        # key: hand it to the front end's workers, which on a running cluster do not share this environment.
+        actor["runtime_env"] = {"env_vars": {cfg.api_key_env: key}}
+    return OpenAIIngress.options(max_ongoing_requests=cfg.max_ongoing_requests, ray_actor_options=actor).bind(
+        servers, owners, bases, cfg.api_key_env)
 
 
 def build_app(args: dict):
