@@ -79,7 +79,7 @@ def cmd_infer(args) -> int:
     if args.rope_scaling:
         extra["rope_scaling"] = _json_arg("--rope-scaling", args.rope_scaling)
     return infer(args.model, args.data, args.out, engine=args.engine, stream=args.stream, params=params,
-                 template=args.template, batch_size=args.batch_size, **extra)
+                 template=args.template, batch_size=args.batch_size, workers=args.workers, **extra)
 
 
 def cmd_serve(args) -> int:
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--draft-model", help="speculative decoding draft (hf engine, greedy)")
     inf.add_argument("--rope-scaling", help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\' (hf engine)')
     inf.add_argument("--batch-size", type=int, default=16)
+    inf.add_argument("--workers", type=int, default=0,
+                     help="N >= 1: answer with N engine actors over Ray Data (joins RAY_ADDRESS or starts Ray)")
     inf.set_defaults(func=cmd_infer)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API on Ray Serve")

@@ -159,13 +159,15 @@ def check_instance(dtype: str, inst: Any) -> list[str]:
     return problems
 
 
-def _normalize_conversation(conv: dict) -> dict:
+def _normalize_conversation(conv: dict, for_prompt: bool = False) -> dict:
     msgs = list(conv["messages"])
     system = conv.get("system") or ""
     if msgs and msgs[0].get("role") == "system":
         system = msgs[0].get("content") or ""
         msgs = msgs[1:]
-    while msgs and msgs[-1]["role"] != "assistant":
+    if for_prompt:
+        msgs = prompt_messages({"messages": msgs})  # up to the last user turn: what to answer
+    while not for_prompt and msgs and msgs[-1]["role"] != "assistant":
         msgs.pop()  # trailing user/tool turns have no answer to learn
     tools = conv.get("tools")
     return {
@@ -183,14 +185,18 @@ def prompt_messages(conv: dict) -> list[dict]:
     return msgs
 
 
-def normalize(dtype: str, inst: dict) -> dict:
-    """A checked instance as a row of the fixed schema of its type."""
+def normalize(dtype: str, inst: dict, for_prompt: bool = False) -> dict:
+    """A checked instance as a row of the fixed schema of its type.
+
+    `for_prompt`: a conversation keeps its turns up to the last user turn (the prompt to
+    answer) instead of up to the last assistant turn (what training learns from).
+    """
     if dtype == "text_only":
         return {"text": inst["text"]}
     if dtype == "text2text":
         return {"input": inst["input"], "output": inst["output"]}
     if dtype == "conversation":
-        return _normalize_conversation(inst)
+        return _normalize_conversation(inst, for_prompt)
     if dtype == "paired_conversation":
         c, r = _normalize_conversation(inst["chosen"]), _normalize_conversation(inst["rejected"])
         return {"chosen": c, "rejected": r}

@@ -25,7 +25,7 @@ def _rows_to_table(rows: list[dict], schema):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _blocks(instances, dtype: str, where: str, rows_per_block: int):
+def _blocks(instances, dtype: str, where: str, rows_per_block: int, for_prompt: bool = False):
     schema = arrow_schema(dtype)
     rows: list[dict] = []
     for index, lineno, inst in instances:
@@ -33,7 +33,7 @@ def _blocks(instances, dtype: str, where: str, rows_per_block: int):
         if problems:
             loc = f"{where}:{lineno}" if lineno else where
             raise DataError(f"{loc}: instance {index}: {problems[0]}")
-        rows.append(normalize(dtype, inst))
+        rows.append(normalize(dtype, inst, for_prompt))
         if len(rows) >= rows_per_block:
             yield _rows_to_table(rows, schema)
             rows = []
@@ -59,7 +59,7 @@ def _jsonl_range(path: Path, start: int, end: int):
                 index += 1
 
 
-def _make_read_tasks(files: list[Path], dtype: str, rows_per_block: int):
+def _make_read_tasks(files: list[Path], dtype: str, rows_per_block: int, for_prompt: bool = False):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import ReadTask
 
@@ -73,13 +73,13 @@ def _make_read_tasks(files: list[Path], dtype: str, rows_per_block: int):
                 end = min(size, start + JSONL_SPLIT_BYTES)
 
                 def read(f=f, start=start, end=end):
-                    yield from _blocks(_jsonl_range(f, start, end), dtype, f"{f}@{start}", rows_per_block)
+                    yield from _blocks(_jsonl_range(f, start, end), dtype, f"{f}@{start}", rows_per_block, for_prompt)
 
                 tasks.append(ReadTask(read, meta, schema=schema))
         else:
 
             def read(f=f):
-                yield from _blocks(iter_instances(f), dtype, str(f), rows_per_block)
+                yield from _blocks(iter_instances(f), dtype, str(f), rows_per_block, for_prompt)
 
             tasks.append(ReadTask(read, meta, schema=schema))
     return tasks
@@ -91,15 +91,15 @@ def _datasource_class():
     class LMFlowDatasource(Datasource):
         """Ray Data source for LMFlow JSON/JSONL datasets (streaming, bounded memory)."""
 
-        def __init__(self, files: list[Path], dtype: str, rows_per_block: int):
+        def __init__(self, files: list[Path], dtype: str, rows_per_block: int, for_prompt: bool = False):
             super().__init__()
-            self.files, self.dtype, self.rows_per_block = files, dtype, rows_per_block
+            self.files, self.dtype, self.rows_per_block, self.for_prompt = files, dtype, rows_per_block, for_prompt
 
         def estimate_inmemory_data_size(self):
             return sum(f.stat().st_size for f in self.files)
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _make_read_tasks(self.files, self.dtype, self.rows_per_block)
+            return _make_read_tasks(self.files, self.dtype, self.rows_per_block, self.for_prompt)
 
         def get_name(self):
             return "LMFlowJSON"
@@ -107,10 +107,11 @@ def _datasource_class():
     return LMFlowDatasource
 
 
-def read_dataset(path: str | Path, dtype: str | None = None, rows_per_block: int = ROWS_PER_BLOCK):
-    """(Ray Dataset of normalised rows, dataset type)."""
+def read_dataset(path: str | Path, dtype: str | None = None, rows_per_block: int = ROWS_PER_BLOCK,
+                 for_prompt: bool = False):
+    """(Ray Dataset of normalised rows, dataset type); `for_prompt`: conversation rows end at their last user turn."""
     import ray.data
 
     dtype, files = dataset_type(path, dtype)
-    source = _datasource_class()(files, dtype, rows_per_block)
+    source = _datasource_class()(files, dtype, rows_per_block, for_prompt)
     return ray.data.read_datasource(source), dtype

@@ -5,8 +5,8 @@ turns up to its last user turn rendered with the chat template (the tokenizer's,
 `--template`). The output is `{"type": "text2text", "instances": [{input, output}]}` with
 the exact prompt text as `input`. Instances stream from the file and results stream to a
 temporary file beside OUT, which is hard-linked into place at the end: a crash never leaves
-a half-written OUT and an existing OUT is never overwritten. Batch inference over Ray Data
-(many engine actors) builds on the same engine interface.
+a half-written OUT and an existing OUT is never overwritten. With `--workers N` the prompts
+are answered by N engine actors over Ray Data instead (batch.py), into the same writer.
 """
 
 from __future__ import annotations
@@ -54,9 +54,52 @@ def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _answer_local(eng: Engine, data, params: SamplingParams, chat: bool, stream: bool, batch_size: int, stats: dict):
+    """(input, output) pairs from one engine in this process."""
+    for batch in _batches(iter_prompts(data, eng), 1 if stream else batch_size):
+        if stream:
+            print(f"[{stats['count']}] ", end="", flush=True)
+            pieces = []
+            for piece in eng.stream(batch[0], params, add_special_tokens=not chat):
+                print(piece, end="", flush=True)
+                pieces.append(piece)
+            print(flush=True)
+            answers = [["".join(pieces)]]
+        else:
+            results = eng.generate(batch, params, add_special_tokens=not chat)
+            answers = [[c.text for c in group] for group in results]
+            stats["tokens"] += sum(len(c.token_ids) for group in results for c in group)
+        for prompt, texts in zip(batch, answers):
+            for text in texts:
+                yield prompt, text
+
+
+def write_text2text(out: Path, pairs, stats: dict) -> None:
+    """Stream (input, output) pairs into OUT atomically: a temp file beside it, hard-linked at the end."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write('{"type": "text2text", "instances": [\n')
+            for prompt, text in pairs:
+                f.write((",\n" if stats["count"] else "") + json.dumps({"input": prompt, "output": text}, ensure_ascii=False))
+                stats["count"] += 1
+            f.write("\n]}\n")
+        try:
+            os.link(tmp, out)  # fails if OUT appeared meanwhile: never overwrite
+        except FileExistsError:
+            raise UserError(f"{out} appeared while inferring; results left in {tmp}") from None
+        os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp) and not out.exists():
+            os.unlink(tmp)
+        raise
+
+
 def infer(model: str, data: str | Path, out: str | Path, engine: str = "hf", stream: bool = False,
           params: SamplingParams | None = None, template: str | None = None, batch_size: int = 16,
-          **engine_kw) -> int:
+          workers: int = 0, **engine_kw) -> int:
+    """Answer every prompt of `data` into the text2text file `out`; `workers` >= 1 uses a Ray Data actor pool."""
     from lmflow_ray.data.source import validate
 
     out = Path(out)
@@ -68,46 +111,24 @@ def infer(model: str, data: str | Path, out: str | Path, engine: str = "hf", str
     params = params or SamplingParams()
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if stream and params.n != 1:
-        raise UserError("--stream prints one completion per prompt; use n = 1")
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0 (0 = this process only), got {workers}")
+    if stream and (params.n != 1 or workers):
+        raise UserError("--stream prints one completion per prompt in this process; use n = 1 and no --workers")
     if engine == "hf":
         engine_kw["max_batch_size"] = batch_size  # vLLM schedules its own batches
-    eng = make_engine(engine, model, template=template, **engine_kw)
+    engine_kw["template"] = template
     chat = summary.type == "conversation"  # rendered chat text already holds its special tokens
+    stats = {"count": 0, "tokens": 0}
+    t0 = time.time()
+    if workers:
+        from lmflow_ray.inference.batch import answer_with_ray
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    t0, count, tokens = time.time(), 0, 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write('{"type": "text2text", "instances": [\n')
-            for batch in _batches(iter_prompts(data, eng), 1 if stream else batch_size):
-                if stream:
-                    print(f"[{count}] ", end="", flush=True)
-                    pieces = []
-                    for piece in eng.stream(batch[0], params, add_special_tokens=not chat):
-                        print(piece, end="", flush=True)
-                        pieces.append(piece)
-                    print(flush=True)
-                    answers = [["".join(pieces)]]
-                else:
-                    results = eng.generate(batch, params, add_special_tokens=not chat)
-                    answers = [[c.text for c in group] for group in results]
-                    tokens += sum(len(c.token_ids) for group in results for c in group)
-                for prompt, texts in zip(batch, answers):
-                    for text in texts:
-                        f.write((",\n" if count else "") + json.dumps({"input": prompt, "output": text}, ensure_ascii=False))
-                        count += 1
-            f.write("\n]}\n")
-        try:
-            os.link(tmp, out)  # fails if OUT appeared meanwhile: never overwrite
-        except FileExistsError:
-            raise UserError(f"{out} appeared while inferring; results left in {tmp}") from None
-        os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp) and not out.exists():
-            os.unlink(tmp)
-        raise
-    rate = f", {tokens / (time.time() - t0):.1f} tokens/s" if tokens else ""
-    print(f"wrote {count} completions to {out} ({time.time() - t0:.1f} s{rate})", file=sys.stderr)
+        pairs = answer_with_ray(model, data, summary.type, summary.instances, engine, params, batch_size, workers,
+                                engine_kw)
+    else:
+        pairs = _answer_local(make_engine(engine, model, **engine_kw), data, params, chat, stream, batch_size, stats)
+    write_text2text(out, pairs, stats)
+    rate = f", {stats['tokens'] / (time.time() - t0):.1f} tokens/s" if stats["tokens"] else ""
+    print(f"wrote {stats['count']} completions to {out} ({time.time() - t0:.1f} s{rate})", file=sys.stderr)
     return 0
