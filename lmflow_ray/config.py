@@ -21,6 +21,22 @@ TEMPLATE_NAMES = (
 )
 
 
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def check_rope_scaling(rope_scaling: dict | None) -> dict | None:
+    """A transformers rope-scaling dict, checked: known `rope_type` (or `type`), `factor` > 1 where it stretches."""
+    if rope_scaling is None:
+        return None
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {kind!r}")
+    factor = rope_scaling.get("factor")
+    if kind in ("linear", "dynamic", "yarn") and not (isinstance(factor, int | float) and factor > 1):
+        raise ValueError(f"{kind} rope scaling needs a factor > 1 (the context is stretched by it), got {factor!r}")
+    return rope_scaling
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -230,8 +246,12 @@ class FinetuneConfig(JobConfig):
     resume_from: str | None = None
     # Restarts of the worker group after a worker dies (from the last checkpoint).
     max_failures: int = 0
-    # transformers rope_scaling dict, e.g. {rope_type: linear, factor: 2.0}.
+    # Long context: a transformers rope_scaling dict, e.g. {rope_type: linear, factor: 4.0}
+    # (linear position interpolation), {rope_type: dynamic, factor: 4.0} (dynamic NTK) or
+    # {rope_type: yarn, factor: 4.0}. Train with data.max_length up to factor x the model's context.
     rope_scaling: dict | None = None
+
+    _rope = field_validator("rope_scaling")(classmethod(lambda cls, v: check_rope_scaling(v)))
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:

@@ -117,15 +117,13 @@ def _load_with_rope_scaling(model: str | Path, rope_scaling: dict, dtype=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmflow_ray.models.loading import load_tokenizer
+    from lmflow_ray.models.loading import load_tokenizer, set_rope_scaling
     from lmflow_ray.models.zoo import resolve_model
 
     path = resolve_model(str(model))
     adapter = (path / "adapter_config.json").is_file()
     base = resolve_model(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]) if adapter else path
-    config = AutoConfig.from_pretrained(str(base))
-    # Merge: assigning the dict alone would drop the config's rope_theta.
-    config.rope_scaling = {**(getattr(config, "rope_parameters", None) or {}), **rope_scaling}
+    config = set_rope_scaling(AutoConfig.from_pretrained(str(base)), rope_scaling)
     m = AutoModelForCausalLM.from_pretrained(str(base), config=config, dtype=dtype or torch.float32, use_safetensors=True)
     if adapter:
         from peft import PeftModel

@@ -20,6 +20,32 @@ def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def set_rope_scaling(config, rope_scaling: dict):
+    """Put a rope-scaling dict on an HF config (before the weights load: RoPE tables are built then).
+
+    Merged into the config's existing rope parameters: assigning the dict alone would drop
+    e.g. SmolLM2's rope_theta of 100000 and silently change every position's rotation.
+    `rope_type` (or the older `type`) is one of config.ROPE_TYPES; `factor` stretches the context.
+    """
+    from lmflow_ray.config import check_rope_scaling
+    from lmflow_ray.errors import UserError
+
+    try:
+        check_rope_scaling(rope_scaling)
+    except ValueError as e:
+        raise UserError(f"rope_scaling: {e}") from None
+    kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+    text = config.get_text_config()
+    base = dict(getattr(text, "rope_parameters", None) or {})
+    if "rope_theta" not in base and getattr(text, "rope_theta", None):
+        base["rope_theta"] = text.rope_theta
+    merged = {**base, **{k: v for k, v in rope_scaling.items() if k != "type"}, "rope_type": kind}
+    if kind == "yarn":
+        merged.setdefault("original_max_position_embeddings", text.max_position_embeddings)
+    text.rope_scaling = merged
+    return config
+
+
 def load_causal_lm(model: str | Path, dtype=None, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM

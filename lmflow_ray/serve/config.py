@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
-from lmflow_ray.config import TEMPLATE_NAMES, Strict, format_validation_error, read_yaml
+from lmflow_ray.config import TEMPLATE_NAMES, Strict, check_rope_scaling, format_validation_error, read_yaml
 from lmflow_ray.errors import UserError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -80,6 +80,8 @@ class ModelSpec(Strict):
         if v is not None and v not in TEMPLATE_NAMES:
             raise ValueError(f"unknown template '{v}'; known: {', '.join(TEMPLATE_NAMES)} (or omit it)")
         return v
+
+    _rope = field_validator("rope_scaling")(classmethod(lambda cls, v: check_rope_scaling(v)))
 
     @field_validator("max_tokens_limit", "max_batch_size", "num_replicas", "max_ongoing_requests", "max_queued_requests")
     @classmethod

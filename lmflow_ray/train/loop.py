@@ -43,12 +43,13 @@ def build_model(cfg, plan):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from lmflow_ray.models.loading import set_rope_scaling
     from lmflow_ray.models.peft_utils import apply_lora
 
     dtype = torch.bfloat16 if plan["bf16"] else torch.float32
     hf_config = AutoConfig.from_pretrained(plan["model_path"], trust_remote_code=cfg.trust_remote_code)
     if cfg.rope_scaling:
-        hf_config.rope_scaling = dict(cfg.rope_scaling)
+        set_rope_scaling(hf_config, dict(cfg.rope_scaling))
     kwargs = {}
     if cfg.lora.qlora:
         from transformers import BitsAndBytesConfig
