@@ -17,6 +17,7 @@ Two deployments:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -38,6 +39,8 @@ from lmflow_ray.serve.protocol import (
     completion_response,
     new_id,
 )
+
+logger = logging.getLogger("ray.serve")
 
 # ----------------------------------------------------------------------------- model replicas
 
@@ -152,6 +155,7 @@ class ModelServer:
                    params.n, params.logprobs)
             groups.setdefault(key, []).append(i)
         results: list = [None] * len(items)
+        t0 = time.perf_counter()
         for idx in groups.values():
             prompts = [p for i in idx for p in items[i][0]]
             first = items[idx[0]][1]
@@ -168,6 +172,7 @@ class ModelServer:
                 n = len(items[i][0])
                 results[i] = [[self._cut(c, items[i][1].max_tokens) for c in g] for g in out[pos:pos + n]]
                 pos += n
+        logger.info("batch of %d requests in %d groups: %.2f s", len(items), len(groups), time.perf_counter() - t0)
         return results
 
     def _cut(self, c, max_tokens: int):
