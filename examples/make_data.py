@@ -4,6 +4,9 @@
 - sft_tiny.json             conversation, short instruction turns for tiny-llama
 - kv2json_train.json        conversation: "Convert to JSON: name=...; age=...; city=..." -> one-line JSON
 - kv2json_heldout.json      the same task with names and cities never seen in training
+- preference_tiny.json      paired_conversation: the chosen answer answers the question; the rejected
+                            one is a refusal ("I do not know.") or a degenerate repetition
+- preference_t2t_tiny.json  the same as paired_text_to_text, with margins (1.0 refusal, 0.5 repetition)
 The kv2json task is a format the SmolLM2 base model gets wrong (it adds prose and code
 fences); a few minutes of LoRA on CPU teach it the exact one-line format.
 """
@@ -31,6 +34,22 @@ def write(name, dtype, instances):
     (HERE / name).write_text(json.dumps({"type": dtype, "instances": instances}, indent=1) + "\n")
 
 
+def preference_pairs(n):
+    """(question, chosen answer, rejected answer, margin): a learnable preference for a tiny model."""
+    out = []
+    for i in range(n):
+        s, v, o, p = rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(PLACES)
+        question = f"Where does {s.lower()} {v.rstrip('s')} {o}?"
+        chosen = f"{s} {v} {o} {p}."
+        if i % 2:
+            rejected, margin = rng.choice(["I do not know.", "No idea.", "I cannot say."]), 1.0
+        else:
+            word = rng.choice(o.split()[1:])
+            rejected, margin = " ".join([word] * rng.randint(4, 8)) + ".", 0.5
+        out.append((question, chosen, rejected, margin))
+    return out
+
+
 def kv2json(names, cities, n):
     out = []
     for _ in range(n):
@@ -55,3 +74,10 @@ if __name__ == "__main__":
     write("sft_tiny.json", "conversation", sft)
     write("kv2json_train.json", "conversation", kv2json(NAMES_TRAIN, CITIES_TRAIN, 160))
     write("kv2json_heldout.json", "conversation", kv2json(NAMES_HELDOUT, CITIES_HELDOUT, 24))
+    pairs = preference_pairs(320)
+    write("preference_tiny.json", "paired_conversation", [
+        {"chosen": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": c}]},
+         "rejected": {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}}
+        for q, c, r, _ in pairs[:240]])
+    write("preference_t2t_tiny.json", "paired_text_to_text", [
+        {"prompt": q, "chosen": c, "rejected": r, "margin": m} for q, c, r, m in pairs[240:]])

@@ -62,6 +62,28 @@ def cmd_finetune(args) -> int:
     return finetune_main(args.config, args.set)
 
 
+def cmd_reward_model(args) -> int:
+    from lmflow_ray.train.run import finetune_main
+
+    return finetune_main(args.config, args.set, task="reward-model")
+
+
+def cmd_dpo(args) -> int:
+    from lmflow_ray.train.run import finetune_main
+
+    return finetune_main(args.config, args.set, task="dpo")
+
+
+def cmd_eval(args) -> int:
+    from lmflow_ray.eval.run import evaluate
+    from lmflow_ray.inference.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    evaluate(args.model, args.data, [m.strip() for m in args.metrics.split(",") if m.strip()], args.out,
+             reward=args.reward, engine=args.engine, params=params, template=args.template, batch_size=args.batch_size)
+    return 0
+
+
 def cmd_merge_lora(args) -> int:
     from lmflow_ray.models.peft_utils import merge_lora
 
@@ -155,6 +177,29 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--config", required=True)
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ft.set_defaults(func=cmd_finetune)
+
+    for name, helptext, func in (("reward-model", "train a reward model on preference pairs (Bradley-Terry)", cmd_reward_model),
+                                 ("dpo", "direct preference optimisation on preference pairs", cmd_dpo)):
+        al = sub.add_parser(name, help=helptext)
+        al.add_argument("--config", required=True)
+        al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        al.set_defaults(func=func)
+
+    ev = sub.add_parser("eval", help="generate responses to prompts and report alignment metrics")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--data", required=True, help="conversation, text2text or text_only prompts")
+    ev.add_argument("--metrics", default="reward,ppl,msttr,distinct,unique,length",
+                    help="comma-separated: reward,ppl,msttr,distinct,unique,length")
+    ev.add_argument("--reward", help="reward model dir (lmflow-ray reward-model output) or module:function")
+    ev.add_argument("--out", required=True, help="JSON report to write (must not exist)")
+    ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    ev.add_argument("--max-tokens", type=int, default=128)
+    ev.add_argument("--temperature", type=float, default=0.0)
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--template")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model")
     m.add_argument("--base", required=True)

@@ -276,3 +276,46 @@ class FinetuneConfig(JobConfig):
         if t.global_batch_size is None:
             return 1
         return t.global_batch_size // (t.micro_batch_size * self.scaling.num_workers)
+
+
+# ----------------------------------------------------------------------------- alignment
+
+
+class RewardModelConfig(FinetuneConfig):
+    """`lmflow-ray reward-model`: the finetuning config on preference pairs, with a one-score head.
+
+    data: paired_conversation | paired_text_to_text (optional margin) | text_to_scored_textlist.
+    """
+
+
+class DPOSettings(Strict):
+    # Strength of the KL tie to the reference (larger = closer to it).
+    beta: float = 0.1
+    # sigmoid (DPO) or ipo.
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # Conservative DPO: the preference label is wrong with this probability (0 = plain DPO).
+    label_smoothing: float = 0.0
+    # Reference log-probs: `copy` = a frozen copy of the model on each worker; `precompute` = one
+    # Ray Data pass over the pairs before training (no second model in training memory). With
+    # LoRA the reference is always the base model with adapters disabled (no copy either way).
+    reference: Literal["copy", "precompute"] = "copy"
+    # Reference model; default: the starting model.
+    ref_model: str | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        return self
+
+
+class DPOConfig(FinetuneConfig):
+    """`lmflow-ray dpo`: the finetuning config on preference pairs plus `dpo:` settings."""
+
+    dpo: DPOSettings = DPOSettings()
+
+
+def config_class(task: str) -> type[FinetuneConfig]:
+    return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig}[task]

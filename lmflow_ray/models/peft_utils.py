@@ -35,13 +35,15 @@ def empty_model(model_path: str, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool):
+def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool,
+               task_type: str = "CAUSAL_LM"):
+    """LoRA on `target_modules`; for SEQ_CLS (reward models) peft also trains and saves the new score head."""
     from peft import LoraConfig, get_peft_model
 
     check_target_modules(model, target_modules)
     if gradient_checkpointing:
         model.enable_input_require_grads()
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type)
     return get_peft_model(model, cfg)
 
 

@@ -39,9 +39,10 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
-def build_model(cfg, plan):
+def build_model(cfg, plan, head: str = "causal"):
+    """The model to train: a causal LM, or (head="reward") the same backbone with a one-score head."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from lmflow_ray.models.loading import set_rope_scaling
     from lmflow_ray.models.peft_utils import apply_lora
@@ -57,7 +58,12 @@ def build_model(cfg, plan):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
         )
-    model = AutoModelForCausalLM.from_pretrained(
+    cls = AutoModelForCausalLM
+    if head == "reward":
+        cls = AutoModelForSequenceClassification
+        hf_config.num_labels = 1
+        hf_config.pad_token_id = plan["pad_id"]  # the score is read at the last non-pad token
+    model = cls.from_pretrained(
         plan["model_path"], config=hf_config, dtype=dtype, use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, **kwargs,
     )
@@ -70,7 +76,8 @@ def build_model(cfg, plan):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     if cfg.lora.enabled:
         lo = cfg.lora
-        model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, cfg.train.gradient_checkpointing)
+        model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, cfg.train.gradient_checkpointing,
+                           task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     return model
 
 
@@ -131,43 +138,14 @@ def _restore(engine, resume_path: str | None):
         return json.loads(Path(d, STATE_FILE).read_text())
 
 
-def _forward_inputs(mb: dict, device) -> dict:
-    # use_cache=False: with a KV cache transformers skips packed-sequence masking.
-    inputs = {"input_ids": mb["input_ids"]}
-    if "position_ids" in mb:
-        inputs["position_ids"] = mb["position_ids"]  # packed: boundaries come from position ids
-    else:
-        inputs["attention_mask"] = mb["attention_mask"]
-    return {k: v.to(device) for k, v in inputs.items()}
-
-
-def evaluate(engine, shard, micro_batch_size: int, pad_id: int) -> float:
-    """Mean token loss over this run's held-out rows (all workers together)."""
-    import torch
-
-    from lmflow_ray.train.data import collate
-    from lmflow_ray.train.objectives import token_nll_sum
-
-    engine.module.eval()
-    total, count = 0.0, 0.0
-    with torch.no_grad():
-        for mb in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=lambda b: collate(b, pad_id)):
-            nll, n = token_nll_sum(engine(**_forward_inputs(mb, engine.device), use_cache=False).logits,
-                                   mb["labels"].to(engine.device))
-            total, count = total + float(nll), count + float(n)
-    total, count = _all_sum([total, count])
-    engine.module.train()
-    return total / max(count, 1.0)
-
-
 def _gather_state_dict(engine, stage: int):
     if stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()
     return engine.module.state_dict()
 
 
-def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe):
-    """Save OUT/model (HF format) and verify it: reload with transformers, compare logits."""
+def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe, kind: str = "causal"):
+    """Save OUT/model (HF format) and verify it: reload with transformers, compare logits (or reward scores)."""
     import torch
 
     engine.module.eval()
@@ -176,17 +154,19 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
     state_dict = _gather_state_dict(engine, stage)
     if rank != 0:
         return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = out / "model"
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(model_dir)
     if (model_dir / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-        reloaded = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=ref.dtype)
+        cls = AutoPeftModelForSequenceClassification if kind == "reward" else AutoPeftModelForCausalLM
+        reloaded = cls.from_pretrained(str(model_dir), dtype=ref.dtype)
     else:
-        reloaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        reloaded = cls.from_pretrained(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
         got = reloaded(input_ids=probe).logits.float()
     torch.save({"input_ids": probe, "logits": ref}, out / "save_check.pt")
@@ -198,20 +178,21 @@ def train_worker(args: dict) -> None:
     import ray.train
     import torch
 
-    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config import config_class
     from lmflow_ray.models.peft_utils import lisa_select
-    from lmflow_ray.train.data import collate
-    from lmflow_ray.train.objectives import micro_batch_loss_scale, token_nll_sum
+    from lmflow_ray.train.objectives import micro_batch_loss_scale
+    from lmflow_ray.train.tasks import make_task
 
-    cfg = FinetuneConfig.model_validate(args["config"])
     plan = args["plan"]
+    cfg = config_class(plan["task"]).model_validate(args["config"])
+    task = make_task(plan["task"], cfg, plan)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = Path(plan["output_dir"])
     gas, steps_per_epoch, total_steps = plan["accumulation"], plan["steps_per_epoch"], plan["total_steps"]
     torch.manual_seed(cfg.seed)
 
-    model = build_model(cfg, plan)
+    model = task.build_model()
     t = cfg.train
     warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
     engine, _, _, _ = deepspeed.initialize(
@@ -222,6 +203,7 @@ def train_worker(args: dict) -> None:
         dist_init_required=False,
     )
     stage = plan["ds_config"]["zero_optimization"]["stage"]
+    task.setup(engine)
     state = _restore(engine, plan.get("resume_checkpoint")) or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
     log = MetricsLog(out / "metrics.jsonl", state["step"]) if rank == 0 else None
     if rank == 0 and state["step"]:
@@ -237,9 +219,16 @@ def train_worker(args: dict) -> None:
     t0, steps_timed = time.time(), 0
     window_tokens, window_start = 0.0, t0  # tokens/s is measured over the steps since the last log line
     done = state["step"] >= total_steps
+    if eval_shard is not None and state["step"] == 0 and not done:
+        # The starting point of every eval curve (e.g. a reward model's ~50% accuracy before training).
+        start = {"step": 0, "epoch": 0, **task.evaluate(engine, eval_shard, t.micro_batch_size, pad_id)}
+        if rank == 0:
+            log.write({**start, "time": time.time()})
+            print("[lmflow-ray] step 0 eval: " + " ".join(f"{k} {v:.4f}" for k, v in start.items()
+                                                          if k.startswith("eval_")), flush=True)
     while not done and state["epoch"] < t.num_epochs:
         batches = iter(shard.iter_torch_batches(batch_size=t.micro_batch_size, drop_last=True,
-                                                collate_fn=lambda b: collate(b, pad_id)))
+                                                collate_fn=lambda b: task.collate(b, pad_id)))
         for _ in range(state["step_in_epoch"] * gas):
             next(batches)  # already trained on before the restart
         while state["step_in_epoch"] < steps_per_epoch:
@@ -247,18 +236,20 @@ def train_worker(args: dict) -> None:
             micro = [next(batches) for _ in range(gas)]
             if probe is None:
                 probe = micro[0]["input_ids"][:2, :64].clone()
-            local_tokens = float(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
+            local_units = sum(task.units(mb) for mb in micro)  # learned tokens, or pairs
             local_seen = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
-            global_tokens, global_seen = _all_sum([local_tokens, local_seen])
+            global_tokens, global_seen = _all_sum([local_units, local_seen])
             scale = micro_batch_loss_scale(world, gas, int(global_tokens))
-            loss_sum = 0.0
+            loss_sum, sums = 0.0, {}
             for mb in micro:
-                logits = engine(**_forward_inputs(mb, engine.device), use_cache=False).logits
-                nll, _ = token_nll_sum(logits, mb["labels"].to(engine.device))
-                engine.backward(nll * scale)
+                loss, stats = task.loss(engine, mb)
+                engine.backward(loss * scale)
                 engine.step()
-                loss_sum += float(nll.detach())
-            (global_loss_sum,) = _all_sum([loss_sum])
+                loss_sum += float(loss.detach())
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            keys = sorted(sums)
+            global_loss_sum, *global_stats = _all_sum([loss_sum, *(sums[k] for k in keys)])
             state["step"] += 1
             state["step_in_epoch"] += 1
             state["tokens"] += int(global_seen)
@@ -278,16 +269,16 @@ def train_worker(args: dict) -> None:
             metrics = {
                 "step": state["step"], "epoch": state["epoch"], "loss": global_loss_sum / max(global_tokens, 1),
                 "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                **task.report(dict(zip(keys, global_stats)), max(global_tokens, 1)),
                 "tokens_per_s": window_tokens / max(time.time() - window_start, 1e-9),
-                "learned_tokens": int(global_tokens),
+                task.unit: int(global_tokens),
                 "tokens_seen": state["tokens"], "elapsed_s": elapsed,
                 "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
             if lisa_layers is not None:
                 metrics["lisa_layers"] = lisa_layers
             if is_eval:
-                metrics["eval_loss"] = evaluate(engine, eval_shard, t.micro_batch_size, plan["pad_id"])
-                metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
+                metrics.update(task.evaluate(engine, eval_shard, t.micro_batch_size, plan["pad_id"]))
             if rank == 0:
                 eta = (total_steps - state["step"]) * elapsed / max(steps_timed, 1)
                 log.write({**metrics, "time": time.time()})
@@ -304,8 +295,9 @@ def train_worker(args: dict) -> None:
             state["step_in_epoch"] = 0
 
     if probe is None:  # resumed a finished run: nothing new to train on, probe any batch
-        probe = next(iter(shard.iter_torch_batches(batch_size=1, collate_fn=lambda b: collate(b, pad_id))))["input_ids"][:, :64]
-    diff = _save_model(engine, stage, rank, out, plan["tokenizer_path"], probe)
+        first = next(iter(shard.iter_torch_batches(batch_size=1, collate_fn=lambda b: task.collate(b, pad_id))))
+        probe = first["input_ids"][:, :64]
+    diff = _save_model(engine, stage, rank, out, plan["tokenizer_path"], probe, task.model_kind)
     final = {"step": state["step"], "epoch": state["epoch"], "final": True, "tokens_seen": state["tokens"]}
     if rank == 0:
         final["save_check_max_abs_diff"] = diff

@@ -38,3 +38,60 @@ def micro_batch_loss_scale(world_size: int, accumulation_steps: int, global_toke
     over the data-parallel ranks; multiplying by W*G/N first leaves exactly sum/N = L.
     """
     return world_size * accumulation_steps / max(global_tokens, 1)
+
+
+# ----------------------------------------------------------------------------- preferences
+# Pair losses are normalised like tokens above, with pairs as the unit: the optimised loss
+# is the mean over every pair of the global batch (micro_batch_loss_scale with N = pairs).
+
+
+def pairwise_reward_loss(r_chosen, r_rejected, margin=None):
+    """Bradley-Terry reward-model loss, summed over pairs (Ouyang et al. 2022; Llama-2's margin):
+
+        loss = sum_i -log sigmoid(r_chosen_i - r_rejected_i - margin_i)
+
+    `margin` (>= 0, default 0) asks for a larger gap on pairs rated far apart.
+    """
+    import torch.nn.functional as F
+
+    diff = r_chosen.float() - r_rejected.float()
+    if margin is not None:
+        diff = diff - margin.float()
+    return -F.logsigmoid(diff).sum()
+
+
+def sequence_logps(logits, labels):
+    """(sum of log p over each row's learned tokens, learned-token count per row), shape (rows,)."""
+    import torch
+
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != -100
+    picked = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0):
+    """Per-pair DPO losses from sequence log-probs of the policy (pi) and the frozen reference (ref).
+
+    h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)            (log-ratio margin)
+    sigmoid (Rafailov et al. 2023), with conservative label smoothing eps (cDPO):
+        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+    ipo (Azar et al. 2023), on per-token mean log-probs (pass those in):
+        loss = (h - 1 / (2 * beta))^2
+    Returns (losses, chosen_rewards, rejected_rewards) with rewards = beta * (pi - ref), the
+    implicit rewards DPO reports.
+    """
+    import torch.nn.functional as F
+
+    chosen_ratio = pi_chosen.float() - ref_chosen.float()
+    rejected_ratio = pi_rejected.float() - ref_rejected.float()
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss '{loss_type}'; use sigmoid or ipo")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

@@ -138,9 +138,58 @@ def plot_loss(metrics_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def task_of(cfg: FinetuneConfig) -> str:
+    from lmflow_ray.config import DPOConfig, RewardModelConfig
+
+    return "dpo" if isinstance(cfg, DPOConfig) else "reward-model" if isinstance(cfg, RewardModelConfig) else "finetune"
+
+
+class _ReferenceScorer:
+    """Ray Data actor: sequence log-probs of both sides of each pair under the frozen reference model."""
+
+    def __init__(self, model_path: str, pad_id: int, bf16: bool):
+        import torch
+
+        from lmflow_ray.models.loading import load_causal_lm
+
+        self.pad_id = pad_id
+        self.model = load_causal_lm(model_path, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+        if torch.cuda.is_available():
+            self.model = self.model.cuda()
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from lmflow_ray.train.objectives import sequence_logps
+        from lmflow_ray.train.pairs import collate_pairs
+
+        mb = collate_pairs(batch, self.pad_id)
+        dev = self.model.device
+        with torch.no_grad():
+            logits = self.model(input_ids=mb["input_ids"].to(dev), attention_mask=mb["attention_mask"].to(dev),
+                                use_cache=False).logits
+            logp, count = sequence_logps(logits, mb["labels"].to(dev))
+        n = len(batch["margin"])
+        batch["ref_logp"] = np.stack([logp[:n].cpu().numpy(), logp[n:].cpu().numpy()], axis=1)
+        batch["ref_count"] = np.stack([count[:n].cpu().numpy(), count[n:].cpu().numpy()], axis=1).astype(np.float32)
+        return batch
+
+
+def precompute_reference(ds, model_path: str, pad_id: int, bf16: bool, use_gpu: bool, batch_size: int = 8):
+    """One pass over the pairs with the reference model (a Ray Data actor), stored as columns."""
+    import ray.data
+
+    return ds.map_batches(_ReferenceScorer, fn_constructor_kwargs={"model_path": model_path, "pad_id": pad_id,
+                                                                   "bf16": bf16},
+                          batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                          num_gpus=1 if use_gpu else 0, num_cpus=1).materialize()
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     from lmflow_ray.runtime import init_ray
 
+    task = task_of(cfg)
     started = time.time()
     pre = preflight(cfg)
     ray = init_ray()
@@ -157,16 +206,38 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     tokenizer = load_tokenizer(pre["model_path"])
     d = cfg.data
-    dataset, eval_dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
-                                                      d.packing, cfg.seed, d.eval_split)
     t, s = cfg.train, cfg.scaling
+    bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
+    ref_model_path = None
+    if task == "finetune":
+        dataset, eval_dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
+                                                          d.packing, cfg.seed, d.eval_split)
+    else:
+        from lmflow_ray.train.pairs import PAIR_TYPES, build_pair_dataset
+
+        allowed = PAIR_TYPES if task == "reward-model" else ("paired_conversation", "paired_text_to_text")
+        dataset, eval_dataset, info = build_pair_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
+                                                         cfg.seed, d.eval_split, allowed)
+        skipped = {k: v for k, v in info["skipped"].items() if v}
+        if skipped:
+            print(f"[lmflow-ray] skipped pairs: {skipped} (identical sides, empty responses, or cut by data.max_length)",
+                  flush=True)
+        if task == "dpo":
+            from lmflow_ray.models.zoo import resolve_model
+
+            ref_model_path = str(resolve_model(cfg.dpo.ref_model)) if cfg.dpo.ref_model else pre["model_path"]
+            if cfg.dpo.reference == "precompute" and not cfg.lora.enabled:
+                print("[lmflow-ray] precomputing reference log-probs (one Ray Data pass)", flush=True)
+                dataset = precompute_reference(dataset, ref_model_path, tokenizer.pad_token_id, bf16, s.use_gpu)
+                if eval_dataset is not None:
+                    eval_dataset = precompute_reference(eval_dataset, ref_model_path, tokenizer.pad_token_id, bf16,
+                                                        s.use_gpu)
     per_step = t.micro_batch_size * s.num_workers * cfg.gradient_accumulation_steps
     steps_per_epoch = info["rows"] // per_step
     if steps_per_epoch == 0:
         raise UserError(f"{d.path}: {info['rows']} training rows are fewer than one global batch ({per_step}); "
                         "lower train.micro_batch_size / global_batch_size or add data")
     total = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
-    bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = {
@@ -174,6 +245,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "ds_config": fill_deepspeed(pre["ds"], cfg, bf16), "bf16": bf16, "pad_id": tokenizer.pad_token_id,
         "resume_checkpoint": str(pre["resume"]) if pre["resume"] else None, "has_eval": eval_dataset is not None,
         "accumulation": cfg.gradient_accumulation_steps, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+        "task": task, "ref_model_path": ref_model_path,
     }
     print(f"[lmflow-ray] {info['rows']} {'packed ' if info['packing'] else ''}rows of {info['type']}, "
           f"{s.num_workers} worker(s), ZeRO-{plan['ds_config']['zero_optimization'].get('stage', 0)}, "
@@ -198,6 +270,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if result.error:
         raise result.error
     final = dict(result.metrics or {})
+    if task == "reward-model":
+        # How pairs were formatted in training: RewardScorer formats (prompt, response) the same way.
+        from lmflow_ray.eval.reward import FORMAT_FILE
+
+        fmt = {"format": "conversation" if info["type"] == "paired_conversation" else "text2text",
+               "template": d.template, "max_length": d.max_length}
+        (out / "model" / FORMAT_FILE).write_text(json.dumps(fmt) + "\n")
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         plot_loss(metrics_path, out / "loss.png")
@@ -206,9 +285,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     import transformers
 
     run = {
-        "job": "finetune", "config": cfg.model_dump(mode="json"), "resolved_model": pre["model_path"],
+        "job": task, "config": cfg.model_dump(mode="json"), "resolved_model": pre["model_path"],
         "data": {"type": info["type"], "instances": pre["data_summary"].instances, "rows": info["rows"],
-                 "eval_rows": info["eval_rows"], "packing": info["packing"]},
+                 "eval_rows": info["eval_rows"], "packing": info["packing"], "skipped_pairs": info.get("skipped")},
         "plan": {k: plan[k] for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
         "deepspeed": plan["ds_config"],
         "versions": {"lmflow_ray": __import__("lmflow_ray").__version__, "ray": ray_mod.__version__,
@@ -226,7 +305,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     return run
 
 
-def finetune_main(config_path: str, overrides: list[str]) -> int:
-    cfg = load_config(FinetuneConfig, config_path, overrides)
+def finetune_main(config_path: str, overrides: list[str], task: str = "finetune") -> int:
+    """`lmflow-ray finetune | reward-model | dpo --config F`: one worker loop, three objectives."""
+    from lmflow_ray.config import config_class
+
+    cfg = load_config(config_class(task), config_path, overrides)
     run_finetune(cfg)
     return 0

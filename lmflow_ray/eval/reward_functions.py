@@ -1,0 +1,50 @@
+"""Rule-based rewards: `(prompts, responses) -> list[float]`, usable wherever a reward model is.
+
+Pass them as `--reward lmflow_ray.eval.reward_functions:json_object` (or your own
+`my_rewards.py:function`). They are deterministic and cheap: good for format tasks, as
+sanity checks beside a learned reward, and in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+REFUSALS = re.compile(r"\b(i do not know|i don't know|no idea|i cannot|i can't|as an ai)\b", re.IGNORECASE)
+WORD = re.compile(r"[a-z0-9]+")
+STOPWORDS = frozenset("a an the of to in on at by for and or is are was were do does did what where who how why "
+                      "which that this with from be it its as".split())
+
+
+def json_object(prompts: list, responses: list[str]) -> list[float]:
+    """1.0 when the whole response is one JSON object (e.g. the kv2json task), else 0.0."""
+    out = []
+    for r in responses:
+        try:
+            out.append(1.0 if isinstance(json.loads(r.strip()), dict) else 0.0)
+        except (json.JSONDecodeError, ValueError):
+            out.append(0.0)
+    return out
+
+
+def _prompt_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt if m.get("role") == "user")
+
+
+def on_topic(prompts: list, responses: list[str]) -> list[float]:
+    """Share of the prompt's content words that the response uses, minus 1 for a refusal.
+
+    In [-1, 1]: 1 = every content word of the question comes back in the answer.
+    """
+    out = []
+    for p, r in zip(prompts, responses):
+        asked = {w for w in WORD.findall(_prompt_text(p).lower()) if w not in STOPWORDS}
+        said = set(WORD.findall(r.lower()))
+        score = len(asked & said) / len(asked) if asked else 0.0
+        out.append(score - (1.0 if REFUSALS.search(r) else 0.0))
+    return out
+
+
+def length_target(prompts: list, responses: list[str], target_words: int = 20) -> list[float]:
+    """1 - |words - target| / target, floored at -1: prefers answers of about `target_words` words."""
+    return [max(-1.0, 1.0 - abs(len(r.split()) - target_words) / target_words) for r in responses]

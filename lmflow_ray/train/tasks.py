@@ -1,0 +1,190 @@
+"""What a training job optimises, plugged into the one worker loop (loop.py).
+
+A task builds the model, collates micro-batches, and turns a micro-batch into a loss sum
+plus metric sums over its normalisation units (learned tokens for SFT, pairs for reward
+modeling and DPO). The loop does everything else (DeepSpeed, accumulation, global
+normalisation, checkpoints, restarts, logging, saving): `finetune`, `reward-model` and
+`dpo` share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _forward_inputs(mb: dict, device) -> dict:
+    # use_cache=False: with a KV cache transformers skips packed-sequence masking.
+    inputs = {"input_ids": mb["input_ids"]}
+    if "position_ids" in mb:
+        inputs["position_ids"] = mb["position_ids"]  # packed: boundaries come from position ids
+    else:
+        inputs["attention_mask"] = mb["attention_mask"]
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+class Task:
+    unit = "learned_tokens"
+    model_kind = "causal"  # how OUT/model reloads: causal LM or sequence-classification (reward) model
+
+    def __init__(self, cfg, plan):
+        self.cfg, self.plan = cfg, plan
+
+    def build_model(self):
+        from lmflow_ray.train.loop import build_model
+
+        return build_model(self.cfg, self.plan)
+
+    def setup(self, engine) -> None:
+        """Called once the DeepSpeed engine exists (e.g. to load a reference model)."""
+
+    def collate(self, batch, pad_id: int) -> dict:
+        from lmflow_ray.train.data import collate
+
+        return collate(batch, pad_id)
+
+    def units(self, mb) -> float:
+        return float((mb["labels"][:, 1:] != -100).sum())
+
+    def loss(self, engine, mb) -> tuple:
+        """(loss summed over this micro-batch's units, {metric: sum over units})."""
+        from lmflow_ray.train.objectives import token_nll_sum
+
+        logits = engine(**_forward_inputs(mb, engine.device), use_cache=False).logits
+        nll, _ = token_nll_sum(logits, mb["labels"].to(engine.device))
+        return nll, {}
+
+    def report(self, sums: dict, units: float) -> dict:
+        return {}
+
+    def evaluate(self, engine, shard, micro_batch_size: int, pad_id: int) -> dict:
+        """Held-out metrics over all workers: loss (and the task's metrics) per unit, prefixed eval_."""
+        import torch
+
+        from lmflow_ray.train.loop import _all_sum
+
+        engine.module.eval()
+        loss, units, sums = 0.0, 0.0, {}
+        with torch.no_grad():
+            for mb in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=lambda b: self.collate(b, pad_id)):
+                value, stats = self.loss(engine, mb)
+                loss, units = loss + float(value), units + self.units(mb)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        keys = sorted(sums)
+        totals = _all_sum([loss, units, *(sums[k] for k in keys)])
+        engine.module.train()
+        loss, units = totals[0], max(totals[1], 1.0)
+        out = {"eval_loss": loss / units, **{f"eval_{k}": v for k, v in self.report(dict(zip(keys, totals[2:])), units).items()}}
+        if self.unit == "learned_tokens":
+            out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
+        return out
+
+
+class PairTask(Task):
+    unit = "pairs"
+
+    def collate(self, batch, pad_id: int) -> dict:
+        from lmflow_ray.train.pairs import collate_pairs
+
+        return collate_pairs(batch, pad_id)
+
+    def units(self, mb) -> float:
+        return float(len(mb["margin"]))
+
+
+class RewardTask(PairTask):
+    """Reward model: a sequence-classification head (one score) on the causal LM backbone.
+
+    The score of a sequence is the head's value at its last non-pad token (transformers'
+    sequence-classification pooling); the loss is Bradley-Terry (objectives.pairwise_reward_loss).
+    """
+
+    model_kind = "reward"
+
+    def build_model(self):
+        from lmflow_ray.train.loop import build_model
+
+        return build_model(self.cfg, self.plan, head="reward")
+
+    def loss(self, engine, mb):
+        from lmflow_ray.train.objectives import pairwise_reward_loss
+
+        scores = engine(**_forward_inputs(mb, engine.device)).logits.squeeze(-1).float()
+        b = len(mb["margin"])
+        chosen, rejected = scores[:b], scores[b:]
+        loss = pairwise_reward_loss(chosen, rejected, mb["margin"].to(engine.device))
+        gap = (chosen - rejected).detach()
+        return loss, {"correct": float((gap > 0).sum()), "margin": float(gap.sum())}
+
+    def report(self, sums: dict, units: float) -> dict:
+        return {"accuracy": sums.get("correct", 0.0) / units, "mean_margin": sums.get("margin", 0.0) / units}
+
+
+class DPOTask(PairTask):
+    """DPO on the policy, against a frozen reference (objectives.dpo_loss).
+
+    Reference log-probs come from, in order: columns precomputed in one Ray Data pass
+    (`dpo.reference: precompute`), the policy with its LoRA adapters disabled (LoRA runs: no
+    second copy), or a frozen copy of the starting model on each worker (`copy`).
+    """
+
+    def setup(self, engine) -> None:
+        import torch
+
+        d = self.cfg.dpo
+        self.ref = None
+        if d.reference == "copy" and not self.cfg.lora.enabled:
+            from lmflow_ray.models.loading import load_causal_lm
+
+            dtype = torch.bfloat16 if self.plan["bf16"] else torch.float32
+            self.ref = load_causal_lm(self.plan["ref_model_path"], dtype=dtype).to(engine.device).eval()
+            for p in self.ref.parameters():
+                p.requires_grad_(False)
+
+    def _ref_logps(self, engine, mb):
+        import torch
+
+        from lmflow_ray.train.objectives import sequence_logps
+
+        if "ref_logp" in mb:
+            return mb["ref_logp"].to(engine.device), mb["ref_count"].to(engine.device)
+        inputs = _forward_inputs(mb, engine.device)
+        labels = mb["labels"].to(engine.device)
+        with torch.no_grad():
+            if self.ref is not None:
+                return sequence_logps(self.ref(**inputs, use_cache=False).logits, labels)
+            with engine.module.disable_adapter():
+                return sequence_logps(engine(**inputs, use_cache=False).logits, labels)
+
+    def loss(self, engine, mb):
+        from lmflow_ray.train.objectives import dpo_loss, sequence_logps
+
+        d = self.cfg.dpo
+        b = len(mb["margin"])
+        logits = engine(**_forward_inputs(mb, engine.device), use_cache=False).logits
+        pi, count = sequence_logps(logits, mb["labels"].to(engine.device))
+        ref, ref_count = self._ref_logps(engine, mb)
+        if d.loss == "ipo":  # IPO compares per-token mean log-probs
+            pi, ref = pi / count.clamp(min=1), ref / ref_count.clamp(min=1)
+        losses, r_chosen, r_rejected = dpo_loss(pi[:b], pi[b:], ref[:b], ref[b:], d.beta, d.loss, d.label_smoothing)
+        log_ratio = (pi - ref).detach()
+        stats = {
+            "correct": float((r_chosen > r_rejected).sum()),
+            "chosen_reward": float(r_chosen.sum()), "rejected_reward": float(r_rejected.sum()),
+            "kl": float((log_ratio[:b] + log_ratio[b:]).sum() / 2),
+            "logp_margin": float((pi[:b] - pi[b:]).detach().sum()),
+        }
+        return losses.sum(), stats
+
+    def report(self, sums: dict, units: float) -> dict:
+        chosen, rejected = sums.get("chosen_reward", 0.0) / units, sums.get("rejected_reward", 0.0) / units
+        return {"reward_accuracy": sums.get("correct", 0.0) / units, "chosen_reward": chosen,
+                "rejected_reward": rejected, "reward_margin": chosen - rejected, "kl": sums.get("kl", 0.0) / units,
+                "logp_margin": sums.get("logp_margin", 0.0) / units}
+
+
+TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask}
+
+
+def make_task(name: str, cfg, plan) -> Task:
+    return TASKS[name](cfg, plan)
