@@ -123,11 +123,18 @@ def test_bad_preference_data(tmp_path, repo):
     out = tmp_path / "out"
     proc = run_cli("reward-model", "--config", str(repo / "configs/rm_tiny.yaml"), "--set", f"output_dir={out}",
                    "--set", f"data.path={data}", "--set", "data.eval_split=0", "--set", "train.num_epochs=1",
-                   "--set", "scaling.num_workers=1", "--set", "train.global_batch_size=8", timeout=900)
+                   "--set", "scaling.num_workers=1", "--set", "train.global_batch_size=8",
+                   # A LoRA reward model (adapters + the score head) on the way: it must reload and score.
+                   "--set", "lora.enabled=true", "--set", "lora.target_modules=[q_proj,v_proj]", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped pairs: {'identical': 1, 'empty': 1}" in proc.stdout
     run = json.loads((out / "run.json").read_text())
     assert run["data"]["rows"] == 20 and run["data"]["skipped_pairs"]["identical"] == 1
+    assert run["final"]["save_check_max_abs_diff"] < 1e-5 and (out / "model" / "adapter_config.json").is_file()
+    from lmflow_ray.eval.reward import RewardScorer
+
+    scores = RewardScorer.load(str(out / "model")).score(["q", "q"], ["an answer", "another"])
+    assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({"type": "paired_text_to_text", "instances": [{"prompt": "q", "chosen": "a"}]}))
     bad = run_cli("dpo", "--config", str(repo / "configs/dpo_tiny.yaml"), "--set", f"data.path={missing}",

@@ -69,7 +69,9 @@ class RewardScorer:
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification
 
-            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+            fmt = json.loads((path / FORMAT_FILE).read_text())
+            model = AutoPeftModelForSequenceClassification.from_pretrained(
+                str(path), dtype=torch.float32, num_labels=1, pad_token_id=fmt.get("pad_token_id"))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
         fmt = json.loads((path / FORMAT_FILE).read_text())

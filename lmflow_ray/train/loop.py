@@ -162,8 +162,11 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
     if (model_dir / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
-        cls = AutoPeftModelForSequenceClassification if kind == "reward" else AutoPeftModelForCausalLM
-        reloaded = cls.from_pretrained(str(model_dir), dtype=ref.dtype)
+        if kind == "reward":  # the base's own config has no one-score head: say so
+            reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
+                str(model_dir), dtype=ref.dtype, num_labels=1, pad_token_id=engine.module.config.pad_token_id)
+        else:
+            reloaded = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=ref.dtype)
     else:
         cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
         reloaded = cls.from_pretrained(str(model_dir), dtype=torch.float32)

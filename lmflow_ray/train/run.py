@@ -275,7 +275,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         from lmflow_ray.eval.reward import FORMAT_FILE
 
         fmt = {"format": "conversation" if info["type"] == "paired_conversation" else "text2text",
-               "template": d.template, "max_length": d.max_length}
+               "template": d.template, "max_length": d.max_length, "pad_token_id": tokenizer.pad_token_id}
         (out / "model" / FORMAT_FILE).write_text(json.dumps(fmt) + "\n")
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
