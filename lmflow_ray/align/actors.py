@@ -3,7 +3,7 @@
 - `GenerationActor`: one engine (vLLM, or HF as fallback) sampling K responses per prompt,
   with per-token log-probs. `sync(model_dir)` puts new policy weights into the running
   engine without restarting it (HF: load_state_dict; vLLM: `reload_weights` through
-  collective_rpc). Every `generate` names the weights it must use, so an actor restarted
+  collective_rpc, then the prefix cache is reset: its KV blocks belong to the old weights). Every `generate` names the weights it must use, so an actor restarted
   by Ray after a crash (`max_restarts`) reloads them before answering the retried call.
 - `RewardActor`: a `RewardScorer` (reward model or Python function), batched scoring.
 - `ReferenceActor`: the frozen starting policy; log-probs of sampled responses, for KL.
@@ -40,7 +40,10 @@ class GenerationActor:
         self.engine = make_engine(engine, model_dir, template=template)
 
     def generate(self, prompts: list, k: int, params: dict, weights: str) -> list[dict]:
-        """K samples per prompt: {"prompt_text", "responses", "logps" (sum per response), "tokens"}."""
+        """K samples per prompt: {"prompt_text", "prompt_ids", "responses", "response_ids", "logps", "tokens"}.
+
+        `logps` are each response's summed token log-probs under the sampling policy (raw distribution).
+        """
         from lmflow_ray.inference.engine import SamplingParams
 
         if weights != self.weights:
@@ -51,6 +54,8 @@ class GenerationActor:
         out = []
         for text, group in zip(texts, self.engine.generate(texts, sp, add_special_tokens=not chat)):
             out.append({"prompt_text": text, "responses": [c.text for c in group],
+                        "prompt_ids": self.engine.tokenizer(text, add_special_tokens=not chat)["input_ids"],
+                        "response_ids": [list(c.token_ids) for c in group],
                         "logps": [float(sum(c.logprobs or [])) for c in group],
                         "tokens": [len(c.token_ids) for c in group]})
         return out
@@ -59,6 +64,8 @@ class GenerationActor:
         """Load the policy's new weights into the running engine; returns the weights now in use."""
         if self.kind == "vllm":
             self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
+            # Cached prompt KV blocks were computed with the old weights: drop them, or answers mix both.
+            self.engine.llm.reset_prefix_cache()
         else:
             state = _model_files(model_dir)
             missing, unexpected = self.engine.model.load_state_dict(state, strict=False)
@@ -91,16 +98,17 @@ class ReferenceActor:
             torch.set_num_threads(threads)
         self.model, self.tokenizer = load_for_generation(model_dir)
 
-    def logps(self, prompt_texts: list[str], responses: list[str], chat: bool) -> list[float]:
-        """Sum of log p(response tokens | prompt) under the frozen reference, one per response."""
+    def logps(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
+        """Sum of log p(response tokens | prompt) under the frozen reference, one per response.
+
+        Token ids, not text: the exact tokens the policy sampled (a decode/encode round trip can differ).
+        """
         import torch
 
         from lmflow_ray.train.objectives import sequence_logps
 
         out = []
-        for p, r in zip(prompt_texts, responses):
-            p_ids = self.tokenizer(p, add_special_tokens=not chat)["input_ids"]
-            r_ids = self.tokenizer(r, add_special_tokens=False)["input_ids"]
+        for p_ids, r_ids in zip(prompt_ids, response_ids):
             ids = torch.tensor([p_ids + r_ids])
             labels = torch.tensor([[-100] * len(p_ids) + r_ids])
             with torch.no_grad():

@@ -86,7 +86,6 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
     # The prompts as a Ray Dataset, shuffled once; each iteration takes the next slice, cycling.
     pool = ray.data.from_items([{"i": i} for i in range(len(prompts))]).random_shuffle(seed=r.seed)
     order = [row["i"] for row in pool.iter_rows()]
-    chat = isinstance(prompts[0], list)
     threads = max(1, int(g.cpus_per_actor))
     gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor, max_restarts=g.max_restarts,
                                     max_task_retries=g.max_restarts).remote(g.engine, base, cfg.data.template, threads)
@@ -110,11 +109,12 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
                 samples[a + k * len(gens)] = s
         gen_s = time.time() - t0
         flat_prompts = [batch[i] for i, s in enumerate(samples) for _ in s["responses"]]
-        flat_texts = [s["prompt_text"] for s in samples for _ in s["responses"]]
+        flat_prompt_ids = [s["prompt_ids"] for s in samples for _ in s["responses"]]
+        flat_resp_ids = [x for s in samples for x in s["response_ids"]]
         flat_resp = [x for s in samples for x in s["responses"]]
         t0 = time.time()
         scores, ref_logps = ray.get([scorer.score.remote(flat_prompts, flat_resp),
-                                     ref.logps.remote(flat_texts, flat_resp, chat)])
+                                     ref.logps.remote(flat_prompt_ids, flat_resp_ids)])
         score_s = time.time() - t0
         k = r.samples_per_prompt
         rewards = [scores[i * k:(i + 1) * k] for i in range(len(samples))]
