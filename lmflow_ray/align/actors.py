@@ -3,8 +3,10 @@
 - `GenerationActor`: one engine (vLLM, or HF as fallback) sampling K responses per prompt,
   with per-token log-probs. `sync(model_dir)` puts new policy weights into the running
   engine without restarting it (HF: load_state_dict; vLLM: `reload_weights` through
-  collective_rpc, then the prefix cache is reset: its KV blocks belong to the old weights). Every `generate` names the weights it must use, so an actor restarted
-  by Ray after a crash (`max_restarts`) reloads them before answering the retried call.
+  collective_rpc, then the prefix cache is reset: its KV blocks belong to the old weights;
+  on vLLM-CPU this reload was seen to leave part of the weights stale — not verified yet).
+  Every `generate` names the weights it must use, so an actor restarted by Ray after a
+  crash (`max_restarts`) reloads them before answering the retried call.
 - `RewardActor`: a `RewardScorer` (reward model or Python function), batched scoring.
 - `ReferenceActor`: the frozen starting policy; log-probs of sampled responses, for KL.
 """
