@@ -49,13 +49,8 @@ def test_raft_raises_the_reward(raft_run):
 
 
 def _check_sync(engine: str, base: str, trained: str):
-    """After sync, the actor's greedy tokens are the trained model's greedy tokens (HF, fp32).
-
-    HF engine: the same text. vLLM: each chosen token must be HF's argmax up to float near-ties
-    (vLLM's kernels differ from torch's in the last bits, which flips exact ties).
-    """
+    """After sync, the actor's greedy text changes and equals HF generation from the trained weights."""
     import ray
-    import torch
 
     from lmflow_ray.align.actors import GenerationActor
     from lmflow_ray.inference.engine import SamplingParams, make_engine
@@ -65,20 +60,9 @@ def _check_sync(engine: str, base: str, trained: str):
     ray.get(actor.sync.remote(trained))
     after = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, trained))
     ray.kill(actor)
-    hf = make_engine("hf", trained)
-    expected = [g[0].text for g in hf.chat(PROMPTS, SamplingParams(**GREEDY))]
+    expected = [g[0].text for g in make_engine("hf", trained).chat(PROMPTS, SamplingParams(**GREEDY))]
     assert [s["responses"][0] for s in before] != expected  # the new weights answer differently
-    if engine == "hf":
-        assert [s["responses"][0] for s in after] == expected
-        return
-    for s in after:
-        ids = torch.tensor([s["prompt_ids"] + s["response_ids"][0]])
-        with torch.no_grad():
-            logits = hf.model(input_ids=ids).logits[0, len(s["prompt_ids"]) - 1:-1].float()
-        chosen = logits.gather(1, torch.tensor(s["response_ids"][0])[:, None])[:, 0]
-        gap = logits.max(-1).values - chosen
-        assert float(gap.max()) < 0.05, gap
-    assert any(s["responses"][0] == e for s, e in zip(after, expected))
+    assert [s["responses"][0] for s in after] == expected
 
 
 def test_weight_sync_reaches_the_running_hf_engine(raft_run, tiny_llama):

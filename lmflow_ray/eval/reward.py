@@ -66,15 +66,14 @@ class RewardScorer:
         from lmflow_ray.models.loading import load_tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        fmt = json.loads((path / FORMAT_FILE).read_text())
         if (path / "adapter_config.json").is_file():
             from peft import AutoPeftModelForSequenceClassification
 
-            fmt = json.loads((path / FORMAT_FILE).read_text())
             model = AutoPeftModelForSequenceClassification.from_pretrained(
                 str(path), dtype=torch.float32, num_labels=1, pad_token_id=fmt.get("pad_token_id"))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-        fmt = json.loads((path / FORMAT_FILE).read_text())
         return cls(model=model.to(device).eval(), tokenizer=load_tokenizer(path), fmt=fmt, batch_size=batch_size,
                    name=str(path))
 

@@ -132,7 +132,7 @@ class HFBackend(Backend):
                 yield item, None
         finally:
             stop.set()
-            await asyncio.shield(future) if not future.done() else None
+            await asyncio.shield(future)  # let the worker thread finish its generate (a done future returns at once)
 
 
 class VLLMBackend(Backend):
