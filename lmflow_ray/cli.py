@@ -90,6 +90,12 @@ def cmd_raft(args) -> int:
     return raft_main(args.config, args.set)
 
 
+def cmd_ppo(args) -> int:
+    from lmflow_ray.align.ppo import ppo_main
+
+    return ppo_main(args.config, args.set)
+
+
 def cmd_merge_lora(args) -> int:
     from lmflow_ray.models.peft_utils import merge_lora
 
@@ -184,17 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     ft.set_defaults(func=cmd_finetune)
 
-    for name, helptext, func in (("reward-model", "train a reward model on preference pairs (Bradley-Terry)", cmd_reward_model),
-                                 ("dpo", "direct preference optimisation on preference pairs", cmd_dpo)):
+    for name, helptext, func in (
+            ("reward-model", "train a reward model on preference pairs (Bradley-Terry)", cmd_reward_model),
+            ("dpo", "direct preference optimisation on preference pairs", cmd_dpo),
+            ("raft", "RAFT: sample K, keep the best by reward, finetune, repeat (Ray actor graph)", cmd_raft),
+            ("ppo", "PPO / GRPO / REINFORCE++ / RLOO from a reward (Ray actor graph)", cmd_ppo)):
         al = sub.add_parser(name, help=helptext)
         al.add_argument("--config", required=True)
         al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         al.set_defaults(func=func)
-
-    rf = sub.add_parser("raft", help="RAFT: sample K, keep the best by reward, finetune, repeat (Ray actor graph)")
-    rf.add_argument("--config", required=True)
-    rf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    rf.set_defaults(func=cmd_raft)
 
     ev = sub.add_parser("eval", help="generate responses to prompts and report alignment metrics")
     ev.add_argument("--model", required=True)

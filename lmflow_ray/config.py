@@ -318,7 +318,8 @@ class DPOConfig(FinetuneConfig):
 
 
 def config_class(task: str) -> type[FinetuneConfig]:
-    return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig}[task]
+    return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig,
+            "ppo": PPOTrainConfig}[task]
 
 
 # ----------------------------------------------------------------------------- RAFT
@@ -346,6 +347,10 @@ class RaftSettings(Strict):
     keep_top: int = 1
     # ... and only those scoring at least this (None: no threshold).
     min_reward: float | None = None
+    # No new iteration starts after this many seconds (compare methods at equal wall clock).
+    time_budget_s: float | None = None
+    # Sample the next iteration's responses while this iteration trains (one update stale).
+    overlap: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
@@ -357,15 +362,84 @@ class RaftSettings(Strict):
         return self
 
 
-class RaftConfig(JobConfig):
-    """`lmflow-ray raft`: sample K responses per prompt, keep the best by reward, finetune on them, repeat."""
+class AlignConfig(JobConfig):
+    """What RAFT and PPO share: the reward, the generation actors, and the policy update's loop settings."""
 
     # Reward model dir (lmflow-ray reward-model output) or Python function module:function.
     reward: str
-    raft: RaftSettings = RaftSettings()
     generation: GenerationSettings = GenerationSettings()
     # The policy update of each iteration: the finetuning loop's settings.
     train: TrainConfig = TrainConfig()
     lora: LoraSettings = LoraSettings()
     scaling: ScalingSettings = ScalingSettings()
     deepspeed: str = "zero2"
+
+
+class RaftConfig(AlignConfig):
+    """`lmflow-ray raft`: sample K responses per prompt, keep the best by reward, finetune on them, repeat."""
+
+    raft: RaftSettings = RaftSettings()
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+class PPOSettings(Strict):
+    # Advantage estimator: ppo (critic + GAE), grpo (group-normalised, KL as a loss term),
+    # reinforce++ (KL-penalised returns, batch-whitened) or rloo (leave-one-out baseline).
+    estimator: Literal["ppo", "grpo", "reinforce++", "rloo"] = "ppo"
+    iterations: int = 4
+    prompts_per_iteration: int = 32
+    # Responses per prompt (grpo and rloo compare a prompt's samples: >= 2).
+    samples_per_prompt: int = 1
+    # Clipping of the policy ratio (1 ± clip_range) and of the value change (None: no value clipping).
+    clip_range: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    # KL to the reference: token-reward penalty (ppo, reinforce++, rloo) or k3 loss weight (grpo).
+    kl_coef: float = 0.05
+    # Adaptive KL controller: kl_coef moves towards this per-sample KL (None: fixed kl_coef).
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    # Critic start: a reward model dir (its score head becomes the value head) or a causal LM;
+    # default the policy's model with a zero value head.
+    critic_model: str | None = None
+    # Learning rate of the critic (default: train.lr).
+    critic_lr: float | None = None
+    # No new iteration starts after this many seconds (compare methods at equal wall clock).
+    time_budget_s: float | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if min(self.iterations, self.prompts_per_iteration, self.samples_per_prompt) < 1:
+            raise ValueError("ppo.iterations, prompts_per_iteration and samples_per_prompt must be >= 1")
+        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.estimator {self.estimator} compares the samples of a prompt: "
+                             f"set ppo.samples_per_prompt >= 2 (got {self.samples_per_prompt})")
+        if not 0 < self.clip_range < 1:
+            raise ValueError(f"ppo.clip_range must be in (0, 1), got {self.clip_range}")
+        if self.kl_coef < 0 or not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+            raise ValueError("ppo.kl_coef must be >= 0 and ppo.gamma, ppo.lam in [0, 1]")
+        return self
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator == "ppo"
+
+
+class PPOConfig(AlignConfig):
+    """`lmflow-ray ppo`: on-policy RL (PPO with a critic, or GRPO / REINFORCE++ / RLOO) as a Ray actor graph."""
+
+    ppo: PPOSettings = PPOSettings()
+
+
+class PPOTrainConfig(FinetuneConfig):
+    """One policy (+ critic) update on a rollout file: the finetuning loop with the PPO objective (internal)."""
+
+    ppo: PPOSettings = PPOSettings()
+    # The critic to train beside the policy (a token-classification model dir); None for critic-free estimators.
+    critic: str | None = None

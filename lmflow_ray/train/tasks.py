@@ -34,6 +34,10 @@ class Task:
 
         return build_model(self.cfg, self.plan)
 
+    def param_groups(self, model) -> list:
+        """What the optimizer updates (torch param groups; a group may carry its own lr)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
     def setup(self, engine) -> None:
         """Called once the DeepSpeed engine exists (e.g. to load a reference model)."""
 
@@ -183,7 +187,145 @@ class DPOTask(PairTask):
                 "logp_margin": sums.get("logp_margin", 0.0) / units}
 
 
-TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask}
+ROLLOUT_COLUMNS = ("old_logp", "ref_logp", "adv", "ret", "old_value")
+
+
+def collate_rollouts(batch: dict, pad_id: int) -> dict:
+    """Rollout rows → right-padded (B, L) ids/mask, and per-token columns on the (B, L - 1) shifted grid.
+
+    A row holds `input_ids` (prompt + response), `prompt_len` and one value per response token in
+    each of ROLLOUT_COLUMNS (missing ones stay 0). Response token j sits at input position
+    prompt_len + j and is predicted at shifted position prompt_len + j - 1, where its values go.
+    """
+    import torch
+
+    ids = list(batch["input_ids"])
+    b, length = len(ids), max(len(x) for x in ids)
+    out = {"input_ids": torch.full((b, length), pad_id, dtype=torch.long),
+           "attention_mask": torch.zeros((b, length), dtype=torch.long),
+           "mask": torch.zeros((b, length - 1), dtype=torch.bool)}
+    cols = {c: torch.zeros((b, length - 1)) for c in ROLLOUT_COLUMNS}
+    for i, x in enumerate(ids):
+        n, p = len(x), int(batch["prompt_len"][i])
+        out["input_ids"][i, :n] = torch.as_tensor(list(x))
+        out["attention_mask"][i, :n] = 1
+        out["mask"][i, p - 1:n - 1] = True
+        for c in ROLLOUT_COLUMNS:
+            if c in batch and batch[c][i] is not None:
+                cols[c][i, p - 1:n - 1] = torch.as_tensor(list(batch[c][i]), dtype=torch.float32)
+    return {**out, **cols}
+
+
+class PolicyWithCritic:
+    """Factory of a torch module holding the policy (causal LM) and, for `ppo`, the critic.
+
+    Its forward returns the policy's output with `value_preds` (the critic's per-token value) added;
+    `save_pretrained(dir)` saves the policy to dir and the critic to dir/../critic, so the loop's
+    save-and-verify step (which compares the policy's logits) works unchanged.
+    """
+
+    @staticmethod
+    def build(policy, critic):
+        import torch
+
+        class _Module(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.policy, self.critic = policy, critic
+                self.config = policy.config
+
+            def forward(self, input_ids, attention_mask=None, **kwargs):
+                out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                if self.critic is not None:
+                    values = self.critic(input_ids=input_ids, attention_mask=attention_mask)
+                    out["value_preds"] = values.logits.squeeze(-1).float()
+                return out
+
+            def save_pretrained(self, model_dir, state_dict=None, **kwargs):
+                from pathlib import Path
+
+                state_dict = state_dict if state_dict is not None else self.state_dict()
+                for name, part in (("policy", self.policy), ("critic", self.critic)):
+                    if part is None:
+                        continue
+                    sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
+                    part.save_pretrained(model_dir if name == "policy" else Path(model_dir).parent / "critic",
+                                         state_dict=sub, **kwargs)
+
+        return _Module()
+
+
+class PPOTask(Task):
+    """Policy-gradient update on a rollout batch (align/ppo.py makes the rollouts).
+
+    Loss per response token: the clipped surrogate (objectives.ppo_policy_loss) on the advantages,
+    plus vf_coef x the clipped value loss for `ppo` (critic trained beside the policy, its own
+    learning rate), plus kl_coef x k3 KL to the reference for `grpo`. Normalised over the
+    response tokens of the global batch, like SFT. train.num_epochs = PPO epochs per rollout batch.
+    """
+
+    unit = "response_tokens"
+
+    def build_model(self):
+        import torch
+        from transformers import AutoModelForTokenClassification
+
+        from lmflow_ray.train.loop import build_model
+
+        policy = build_model(self.cfg, self.plan)
+        critic = None
+        if self.cfg.critic:
+            dtype = torch.bfloat16 if self.plan["bf16"] else torch.float32
+            critic = AutoModelForTokenClassification.from_pretrained(self.cfg.critic, num_labels=1, dtype=dtype,
+                                                                     use_safetensors=True)
+        return PolicyWithCritic.build(policy, critic)
+
+    def param_groups(self, model) -> list:
+        groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad]}]
+        if model.critic is not None:
+            critic_lr = self.cfg.ppo.critic_lr or self.cfg.train.lr
+            groups.append({"params": list(model.critic.parameters()), "lr": critic_lr})
+        return groups
+
+    def collate(self, batch, pad_id: int) -> dict:
+        return collate_rollouts(batch, pad_id)
+
+    def units(self, mb) -> float:
+        return float(mb["mask"].sum())
+
+    def loss(self, engine, mb):
+        import torch
+
+        from lmflow_ray.train.objectives import k3_kl, ppo_policy_loss, ppo_value_loss
+
+        p = self.cfg.ppo
+        dev = engine.device
+        ids, mask = mb["input_ids"].to(dev), mb["mask"].to(dev)
+        col = {c: mb[c].to(dev) for c in ROLLOUT_COLUMNS}
+        out = engine(input_ids=ids, attention_mask=mb["attention_mask"].to(dev), use_cache=False)
+        logprobs = out.logits[:, :-1].float().log_softmax(-1)
+        logp = torch.gather(logprobs, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        loss, clipped = ppo_policy_loss(logp, col["old_logp"], col["adv"], mask, p.clip_range)
+        stats = {"pg_loss": float(loss.detach()), "clipped": clipped}
+        with torch.no_grad():
+            stats["entropy"] = float((-(logprobs.exp() * logprobs).sum(-1) * mask).sum())
+            stats["approx_kl"] = float((0.5 * (logp - col["old_logp"]) ** 2 * mask).sum())
+            stats["kl_ref"] = float(((logp - col["ref_logp"]) * mask).sum())
+        if "value_preds" in out:
+            vf = ppo_value_loss(out["value_preds"][:, :-1], col["old_value"], col["ret"], mask, p.value_clip)
+            stats["vf_loss"] = float(vf.detach())
+            loss = loss + p.vf_coef * vf
+        if p.estimator == "grpo" and p.kl_coef:
+            kl = k3_kl(logp, col["ref_logp"], mask)
+            stats["kl_loss"] = float(kl.detach())
+            loss = loss + p.kl_coef * kl
+        return loss, stats
+
+    def report(self, sums: dict, units: float) -> dict:
+        return {k if k != "clipped" else "clipfrac": v / units for k, v in sums.items()}
+
+
+TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask, "ppo": PPOTask}
 
 
 def make_task(name: str, cfg, plan) -> Task:
