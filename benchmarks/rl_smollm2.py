@@ -1,7 +1,8 @@
 """RAFT vs PPO on SmolLM2-135M-Instruct, and the per-iteration time breakdown of the actor graph.
 
-Task: `configs/raft_smollm2.yaml` / `configs/ppo_smollm2.yaml` (kv2json prompts, reward
-`json_object`: 1 when the whole answer is one JSON object), full finetuning, CPU.
+Task: `configs/raft_smollm2.yaml` / `configs/ppo_smollm2.yaml` (kv2json prompts, rule reward
+`kv_json` in [0, 1]: a JSON object in the answer, the whole answer, the prompt's pairs in it),
+full finetuning, CPU.
 
 1. `compare`: RAFT and PPO each run for the same wall-clock budget (`--budget` seconds; no new
    iteration starts after it). Reported per method: iterations done, mean sample reward of
@@ -34,7 +35,7 @@ from train_throughput import machine, versions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO / "examples" / "data" / "kv2json_heldout.json"
-REWARD = "lmflow_ray.eval.reward_functions:json_object"
+REWARD = "lmflow_ray.eval.reward_functions:kv_json"
 
 
 class PeakRSS(threading.Thread):

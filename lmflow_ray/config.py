@@ -22,6 +22,7 @@ TEMPLATE_NAMES = (
 
 
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+STRETCHING = ("linear", "dynamic", "yarn")  # types whose `factor` multiplies the usable context
 
 
 def check_rope_scaling(rope_scaling: dict | None) -> dict | None:
@@ -32,9 +33,16 @@ def check_rope_scaling(rope_scaling: dict | None) -> dict | None:
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {kind!r}")
     factor = rope_scaling.get("factor")
-    if kind in ("linear", "dynamic", "yarn") and not (isinstance(factor, int | float) and factor > 1):
+    if kind in STRETCHING and not (isinstance(factor, int | float) and factor > 1):
         raise ValueError(f"{kind} rope scaling needs a factor > 1 (the context is stretched by it), got {factor!r}")
     return rope_scaling
+
+
+def rope_factor(rope_scaling: dict | None) -> float:
+    """How many times its trained context a rope-scaling dict lets a model read (1 for the other types)."""
+    if not rope_scaling or rope_scaling.get("rope_type", rope_scaling.get("type")) not in STRETCHING:
+        return 1.0
+    return float(rope_scaling.get("factor", 1.0))
 
 
 class Strict(BaseModel):
@@ -336,6 +344,11 @@ class GenerationSettings(Strict):
     top_p: float = 1.0
     # Restarts of a generation actor that dies; its in-flight call is retried on the new one.
     max_restarts: int = 2
+    # Place the generation actors as one Ray placement group (one bundle of cpus/gpus_per_actor each):
+    # PACK (same node where possible), SPREAD, STRICT_PACK, STRICT_SPREAD; None: Ray's default scheduling.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
+    # How long to wait for the placement group before giving up with an error.
+    placement_timeout_s: float = 120.0
 
 
 class RaftSettings(Strict):

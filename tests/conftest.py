@@ -49,6 +49,25 @@ def smollm2() -> Path:
     return fetch_model("smollm2-135m-instruct")
 
 
+def random_lora(base_model: Path, out: Path, std: float = 0.5) -> Path:
+    """A LoRA adapter of `base_model` with random B matrices (so it changes the output), saved with the
+    tokenizer as training outputs are."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lmflow_ray.models.loading import load_for_generation
+
+    base, tok = load_for_generation(base_model)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    lora.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path = REPO):
     import subprocess
 

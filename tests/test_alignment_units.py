@@ -77,6 +77,11 @@ def test_rule_based_rewards():
                          ["The cat sees the red ball in the garden.", "I do not know."])
     assert scores[0] > 0.5 and scores[1] < 0
     assert rf.length_target([""], [" ".join(["w"] * 20)]) == [1.0]
+    # kv_json: object found (0.25) + whole answer (0.25) + 0.5 x share of the prompt's pairs held.
+    prompt = [{"role": "user", "content": "Convert to JSON: name=Umar; age=75; city=Seoul"}]
+    got = rf.kv_json([prompt] * 4, ['{"name": "Umar", "age": 75, "city": "Seoul"}',
+                                    'Here:\n```json\n{"name": "Umar", "age": 7}\n```', "no JSON", '{"name": "Umar"'])
+    assert got == [1.0, pytest.approx(0.25 + 0.5 / 3), 0.0, 0.0]
 
 
 def test_pair_tokenization_skips_and_scored_lists(tiny_llama):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import random_lora, run_cli
 
 from lmflow_ray.cli import main
 from lmflow_ray.errors import UserError
@@ -100,27 +100,19 @@ def test_speculative_decoding_keeps_greedy_text(tiny_llama, greedy):
 
 
 def test_lora_adapter_and_rope_scaling_change_the_output(tiny_llama, greedy, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     from lmflow_ray.models.loading import load_for_generation
 
-    base, tok = load_for_generation(tiny_llama)
-    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    lora.save_pretrained(tmp_path / "adapter")
-    tok.save_pretrained(tmp_path / "adapter")  # as training outputs do
+    random_lora(tiny_llama, tmp_path / "adapter")
     adapted = make_engine("hf", tmp_path / "adapter")
     assert adapted.generate(PROMPTS, SamplingParams(max_tokens=24))[1][0].text != greedy[1][0].text
 
     # Linear rope scaling divides the rotary frequencies (built when the weights load) by the factor.
     scaled = make_engine("hf", tiny_llama, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    base, tok = load_for_generation(tiny_llama)
     assert torch.allclose(scaled.model.model.rotary_emb.inv_freq * 4, base.model.rotary_emb.inv_freq)
     ids = tok(PROMPTS[1], return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        plain = load_for_generation(tiny_llama)[0](ids).logits
+        plain = base(ids).logits
         assert (scaled.model(ids).logits - plain).abs().max() > 1e-3
 
 

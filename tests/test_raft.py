@@ -120,7 +120,8 @@ def test_killed_generation_actor_is_restarted_and_the_call_retried(raft_run, tin
 def test_raft_with_lora_and_overlap(ray_session, repo, tmp_path, tiny_llama):
     """lora.enabled: each iteration trains a fresh adapter on the current policy and merges it, so the
     engines keep taking full weights and the next iteration starts from the merged policy.
-    raft.overlap: iteration 2's samples were drawn while iteration 1 trained (one update stale)."""
+    raft.overlap: iteration 2's samples were drawn while iteration 1 trained (one update stale).
+    Two generation actors in one PACK placement group share each iteration's prompts."""
     import json
 
     from lmflow_ray.align.raft import run_raft
@@ -129,7 +130,8 @@ def test_raft_with_lora_and_overlap(ray_session, repo, tmp_path, tiny_llama):
     cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
                       [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
                        "raft.iterations=2", "raft.prompts_per_iteration=8", "train.num_epochs=1",
-                       "lora.enabled=true", "lora.r=4", "raft.overlap=true"])
+                       "lora.enabled=true", "lora.r=4", "raft.overlap=true",
+                       "generation.actors=2", "generation.placement_strategy=PACK"])
     rows = run_raft(cfg)
     assert [r["iteration"] for r in rows] == [1, 2] and all("sync_s" in r for r in rows)
     assert [r["stale_samples"] for r in rows] == [False, True]
@@ -138,3 +140,15 @@ def test_raft_with_lora_and_overlap(ray_session, repo, tmp_path, tiny_llama):
     assert not (out / "model" / "adapter_config.json").exists() and (out / "model" / "config.json").is_file()
     run2 = json.loads((second / "train" / "run.json").read_text())
     assert run2["resolved_model"] == str(first / "merged")  # ... merged, and the next iteration starts there
+
+
+def test_unplaceable_generation_actors_are_one_clear_error(ray_session, repo, tmp_path, tiny_llama):
+    from lmflow_ray.align.raft import run_raft
+    from lmflow_ray.errors import UserError
+
+    cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
+                      [f"output_dir={tmp_path / 'out'}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
+                       "generation.actors=2", "generation.placement_strategy=STRICT_SPREAD",
+                       "generation.placement_timeout_s=3"])
+    with pytest.raises(UserError, match="2 bundles .* could not be placed within 3s"):
+        run_raft(cfg)  # one node here: two bundles on distinct nodes cannot exist

@@ -16,8 +16,7 @@ import time
 
 import httpx
 import pytest
-import torch
-from conftest import TEST_API_KEY, free_port
+from conftest import TEST_API_KEY, free_port, random_lora
 
 pytestmark = pytest.mark.slow
 
@@ -27,20 +26,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_llama, tmp_path_factory):
     """A LoRA adapter of tiny-llama with random B matrices (so it changes the output)."""
-    from peft import LoraConfig, get_peft_model
-
-    from lmflow_ray.models.loading import load_for_generation
-
-    base, tok = load_for_generation(tiny_llama)
-    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter") / "tiny-lora"
-    lora.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return random_lora(tiny_llama, tmp_path_factory.mktemp("adapter") / "tiny-lora")
 
 
 @pytest.fixture(scope="module")

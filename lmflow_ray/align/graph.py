@@ -4,8 +4,10 @@
 (vLLM or HF), a RewardActor, a ReferenceActor (frozen start policy) and, when asked, a
 second ReferenceActor that follows the policy (PPO's sampling log-probs) and (`add_critic`) a
 CriticActor.
-Placement: each generation actor asks for `cpus_per_actor` / `gpus_per_actor`; the scorers
-take half a CPU each, so the whole graph fits a 2-core laptop; Ray places them on a cluster.
+Placement: each generation actor asks for `cpus_per_actor` / `gpus_per_actor` (with
+`generation.placement_strategy`, as bundles of one placement group: PACK them on few nodes,
+SPREAD them across nodes); the scorers take half a CPU each, so the whole graph fits a 2-core
+laptop; Ray places them on a cluster.
 
 Per iteration the controller calls `prompts(it)` (the next slice of a shuffled Ray Dataset
 of the prompt file, cycling), `rollout(batch, k, seed)` (the batch split across the
@@ -51,9 +53,11 @@ class Graph:
         pool = ray.data.from_items([{"i": i} for i in range(len(self.all_prompts))]).random_shuffle(seed=seed.seed)
         self.order = [row["i"] for row in pool.iter_rows()]
         threads = max(1, int(g.cpus_per_actor))
+        placement = _placement(g)
         self.gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor,
-                                             max_restarts=g.max_restarts, max_task_retries=g.max_restarts)
-                     .remote(g.engine, self.base, cfg.data.template, threads) for _ in range(g.actors)]
+                                             max_restarts=g.max_restarts, max_task_retries=g.max_restarts,
+                                             **placement(i))
+                     .remote(g.engine, self.base, cfg.data.template, threads) for i in range(g.actors)]
         self.reward = RewardActor.options(num_cpus=0.5).remote(cfg.reward)
         self.ref = ReferenceActor.options(num_cpus=0.5).remote(self.base, 1)
         self.policy = ReferenceActor.options(num_cpus=0.5).remote(self.base, 1) if policy_scorer else None
@@ -175,6 +179,28 @@ class Graph:
             "job": job, "config": self.cfg.model_dump(mode="json"), "iterations": self.rows,
             "final_model": str(self.out / "model")}, indent=2))
         return self.rows
+
+
+def _placement(g):
+    """Per-actor scheduling options: bundle i of a placement group over all generation actors, or none."""
+    if g.placement_strategy is None:
+        return lambda i: {}
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": g.cpus_per_actor, **({"GPU": g.gpus_per_actor} if g.gpus_per_actor else {})}
+    pg = placement_group([bundle] * g.actors, strategy=g.placement_strategy)
+    try:
+        ray.get(pg.ready(), timeout=g.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise UserError(f"generation.placement_strategy {g.placement_strategy}: {g.actors} bundles of {bundle} could not "
+                        f"be placed within {g.placement_timeout_s:.0f}s on this cluster "
+                        f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs); lower generation.actors or the per-actor "
+                        "resources, or use PACK / SPREAD") from None
+    return lambda i: {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                                placement_group_bundle_index=i)}
 
 
 def plot(rows: list[dict], curves: dict[str, str], png: Path) -> None:

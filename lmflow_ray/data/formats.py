@@ -185,6 +185,15 @@ def prompt_messages(conv: dict) -> list[dict]:
     return msgs
 
 
+def prompt_of(dtype: str, inst: dict):
+    """What a model is asked for an instance: a message list (a conversation's system prompt, then its
+    turns up to the last user turn) or the input text (text2text, text_only)."""
+    if dtype == "conversation":
+        system = inst.get("system") or next((m["content"] for m in inst["messages"] if m["role"] == "system"), "")
+        return ([{"role": "system", "content": system}] if system else []) + prompt_messages(inst)
+    return inst["input"] if dtype == "text2text" else inst["text"]
+
+
 def normalize(dtype: str, inst: dict, for_prompt: bool = False) -> dict:
     """A checked instance as a row of the fixed schema of its type.
 

@@ -57,3 +57,30 @@ def letter_share(prompts: list, responses: list[str]) -> list[float]:
     bytes, digits and punctuation.
     """
     return [sum(c.isalpha() or c == " " for c in r) / len(r) if r else 0.0 for r in responses]
+
+
+_PAIR = re.compile(r"(\w+)\s*=\s*([^;]+)")
+
+
+def kv_json(prompts: list, responses: list[str]) -> list[float]:
+    """Dense reward for "Convert to JSON: k1=v1; k2=v2" prompts (the kv2json task), in [0, 1]:
+
+    0.25 if a JSON object is found in the response (first `{` to last `}`), + 0.25 if that object is
+    the whole response, + 0.5 x the share of the prompt's key=value pairs it holds with that value.
+    """
+    out = []
+    for p, r in zip(prompts, responses):
+        text = r.strip()
+        start, end = text.find("{"), text.rfind("}")
+        try:
+            obj = json.loads(text[start:end + 1]) if 0 <= start < end else None
+        except (json.JSONDecodeError, ValueError):
+            obj = None
+        if not isinstance(obj, dict):
+            out.append(0.0)
+            continue
+        wanted = dict(_PAIR.findall(_prompt_text(p).split(":", 1)[-1]))
+        held = sum(str(obj.get(k, "")).strip().lower() == v.strip().lower() for k, v in wanted.items())
+        whole = start == 0 and end == len(text) - 1
+        out.append(0.25 + 0.25 * whole + 0.5 * (held / len(wanted) if wanted else 0.0))
+    return out

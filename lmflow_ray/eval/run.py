@@ -25,23 +25,14 @@ METRICS = ("reward", "ppl", "msttr", "distinct", "unique", "length")
 
 def read_prompts(data: str | Path) -> tuple[str, list]:
     """(dataset type, raw prompts): message lists for conversations, strings otherwise."""
-    from lmflow_ray.data.formats import prompt_messages
+    from lmflow_ray.data.formats import prompt_of
     from lmflow_ray.data.source import dataset_type, iter_instances, validate
 
     summary = validate(data)
     if summary.type not in ("conversation", "text2text", "text_only"):
         raise UserError(f"{data}: eval reads conversation, text2text or text_only prompts, not '{summary.type}'")
     dtype, files = dataset_type(data)
-    prompts: list = []
-    for f in files:
-        for _, _, inst in iter_instances(f):
-            if dtype == "conversation":
-                msgs = prompt_messages(inst)
-                system = inst.get("system") or next((m["content"] for m in inst["messages"] if m["role"] == "system"), "")
-                prompts.append(([{"role": "system", "content": system}] if system else []) + msgs)
-            else:
-                prompts.append(inst["input"] if dtype == "text2text" else inst["text"])
-    return dtype, prompts
+    return dtype, [prompt_of(dtype, inst) for f in files for _, _, inst in iter_instances(f)]
 
 
 def response_perplexity(model, tokenizer, prompt_texts: list[str], responses: list[str], chat: bool) -> float:

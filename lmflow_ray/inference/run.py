@@ -27,20 +27,14 @@ PROMPT_TYPES = ("text2text", "conversation", "text_only")
 
 def iter_prompts(data: str | Path, engine: Engine) -> Iterator[str]:
     """The prompt text of each instance of a validated dataset, in file order."""
-    from lmflow_ray.data.formats import prompt_messages
+    from lmflow_ray.data.formats import prompt_of
     from lmflow_ray.data.source import dataset_type, iter_instances
 
     dtype, files = dataset_type(data)
     for f in files:
         for _, _, inst in iter_instances(f):
-            if dtype == "text2text":
-                yield inst["input"]
-            elif dtype == "text_only":
-                yield inst["text"]
-            else:
-                msgs = inst["messages"]
-                system = inst.get("system") or (msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None)
-                yield engine.chat_prompt(prompt_messages(inst), system)
+            prompt = prompt_of(dtype, inst)
+            yield engine.chat_prompt(prompt) if isinstance(prompt, list) else prompt
 
 
 def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:

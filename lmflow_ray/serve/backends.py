@@ -23,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+from lmflow_ray.config import rope_factor
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
 from lmflow_ray.serve.config import ModelSpec
 
@@ -43,12 +44,6 @@ class Backend:
                add_special_tokens: bool) -> AsyncIterator[tuple[str, str | None]]:
         """(text piece, None) as tokens arrive, then ("", finish_reason)."""
         raise NotImplementedError
-
-
-def _rope_factor(rope_scaling: dict | None) -> float:
-    if not rope_scaling or rope_scaling.get("rope_type", rope_scaling.get("type")) not in ("linear", "dynamic", "yarn"):
-        return 1.0
-    return float(rope_scaling.get("factor", 1.0))
 
 
 class HFBackend(Backend):
@@ -72,7 +67,7 @@ class HFBackend(Backend):
                     model = PeftModel.from_pretrained(model, path, adapter_name=name)
             self.engine.model = model.eval()
         trained = model.config.get_text_config().max_position_embeddings
-        self.context_len = min(spec.max_model_len or 10**9, int(trained * _rope_factor(spec.rope_scaling)))
+        self.context_len = min(spec.max_model_len or 10**9, int(trained * rope_factor(spec.rope_scaling)))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="hf-generate")
 
     @contextlib.contextmanager

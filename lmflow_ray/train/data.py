@@ -29,6 +29,20 @@ def _pack(batch, block_size: int, whole_samples: bool):
     return pack_sequences_batch(batch, block_size) if whole_samples else pack_blocks_batch(batch, block_size)
 
 
+def split_eval(ds, eval_split: float, unit: str):
+    """(train, held-out or None) of a shuffled, materialised dataset: the tail of `eval_split` rows
+    (>= 1) or that fraction of them (< 1). The rows are already shuffled with the seed, so the tail is
+    a random sample."""
+    if not eval_split:
+        return ds, None
+    total = ds.count()
+    n_eval = int(eval_split) if eval_split >= 1 else max(1, round(total * eval_split))
+    if n_eval >= total:
+        raise UserError(f"data.eval_split={eval_split} holds out {n_eval} of {total} {unit}; leave {unit} to train on")
+    train, held = ds.split_at_indices([total - n_eval])
+    return train.materialize(), held.materialize()
+
+
 def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, template: str | None,
                         max_length: int, packing: bool | None, seed: int, eval_split: float = 0.0):
     """(train Dataset, eval Dataset or None, info dict with type, rows, eval_rows and packing); materialised."""
@@ -45,16 +59,7 @@ def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, templ
         ds = ds.map_batches(_pack, fn_args=(max_length, dtype != "text_only"), batch_format="numpy", batch_size=4096)
     # Materialise before shuffling: fusing the shuffle's map side with tokenization fans the
     # tokenizer out to many fresh worker processes, each paying the transformers import.
-    ds = ds.materialize().random_shuffle(seed=seed).materialize()
-    eval_ds = None
-    if eval_split:
-        total = ds.count()
-        n_eval = int(eval_split) if eval_split >= 1 else max(1, round(total * eval_split))
-        if n_eval >= total:
-            raise UserError(f"data.eval_split={eval_split} holds out {n_eval} of {total} rows; leave rows to train on")
-        # The rows are already shuffled with the seed, so the held-out tail is a random sample.
-        ds, eval_ds = ds.split_at_indices([total - n_eval])
-        ds, eval_ds = ds.materialize(), eval_ds.materialize()
+    ds, eval_ds = split_eval(ds.materialize().random_shuffle(seed=seed).materialize(), eval_split, "rows")
     rows = ds.count()
     if rows == 0:
         raise UserError(f"{path}: no training rows after tokenization (texts shorter than one block of "

@@ -109,15 +109,10 @@ def build_pair_dataset(path: str, dtype: str | None, tokenizer_path: str, templa
     for b in ds.select_columns(["skip"]).iter_batches(batch_format="numpy", batch_size=4096):
         for reason in SKIP_REASONS:
             skipped[reason] += int((b["skip"] == reason).sum())
+    from lmflow_ray.train.data import split_eval
+
     ds = ds.map_batches(_keep, batch_format="numpy", batch_size=4096).materialize().random_shuffle(seed=seed).materialize()
-    eval_ds = None
-    total = ds.count()
-    if eval_split:
-        n_eval = int(eval_split) if eval_split >= 1 else max(1, round(total * eval_split))
-        if n_eval >= total:
-            raise UserError(f"data.eval_split={eval_split} holds out {n_eval} of {total} pairs; leave pairs to train on")
-        ds, eval_ds = ds.split_at_indices([total - n_eval])
-        ds, eval_ds = ds.materialize(), eval_ds.materialize()
+    ds, eval_ds = split_eval(ds, eval_split, "pairs")
     rows = ds.count()
     if rows == 0:
         raise UserError(f"{path}: no usable pairs (skipped: {skipped}); check that chosen and rejected differ "
