@@ -449,6 +449,16 @@ class PPOConfig(AlignConfig):
 
     ppo: PPOSettings = PPOSettings()
 
+    @model_validator(mode="after")
+    def _batch_fits(self) -> PPOConfig:
+        t, s, p = self.train, self.scaling, self.ppo
+        per_step = t.global_batch_size or t.micro_batch_size * s.num_workers
+        rollouts = p.prompts_per_iteration * p.samples_per_prompt
+        if rollouts < per_step:
+            raise ValueError(f"ppo.prompts_per_iteration x samples_per_prompt = {rollouts} rollouts make less than one "
+                             f"training batch ({per_step}); sample more or lower train.micro_batch_size")
+        return self
+
 
 class PPOTrainConfig(FinetuneConfig):
     """One policy (+ critic) update on a rollout file: the finetuning loop with the PPO objective (internal)."""

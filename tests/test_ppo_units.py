@@ -126,3 +126,6 @@ def test_ppo_config_errors(tmp_path):
         load_config(PPOConfig, bad, ["ppo.estimator=a2c"])
     cfg = load_config(PPOConfig, bad, ["ppo.samples_per_prompt=4"])
     assert cfg.ppo.estimator == "grpo" and not cfg.ppo.uses_critic
+    with pytest.raises(UserError, match="less than one training batch"):
+        load_config(PPOConfig, bad, ["ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=4",
+                                     "train.micro_batch_size=16"])

@@ -152,3 +152,41 @@ def test_unplaceable_generation_actors_are_one_clear_error(ray_session, repo, tm
                        "generation.placement_timeout_s=3"])
     with pytest.raises(UserError, match="2 bundles .* could not be placed within 3s"):
         run_raft(cfg)  # one node here: two bundles on distinct nodes cannot exist
+
+
+def test_generation_actor_killed_mid_iteration_the_iteration_completes(ray_session, repo, tmp_path, tiny_llama):
+    """SIGKILL the generation actor while a RAFT iteration runs: Ray restarts it, the call in flight
+    (generate, or sync if the kill lands later) is retried on the new actor, and the run finishes."""
+    import threading
+
+    from ray.util.state import list_actors
+
+    from lmflow_ray.align.raft import run_raft
+
+    cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
+                      [f"output_dir={tmp_path / 'out'}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
+                       "raft.iterations=1", "raft.prompts_per_iteration=8", "generation.max_tokens=200",
+                       "train.num_epochs=1"])
+    flt = [("class_name", "=", "GenerationActor")]
+    earlier = {a.actor_id for a in list_actors(filters=flt, limit=10000)}
+    killed = {}
+
+    def kill_when_generating():
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            new = [a for a in list_actors(filters=flt, limit=10000) if a.actor_id not in earlier and a.pid
+                   and a.state == "ALIVE"]
+            if new:
+                time.sleep(3.0)  # the engine has loaded; 8 prompts x 4 samples x 200 tokens are being sampled
+                os.kill(new[0].pid, signal.SIGKILL)
+                killed["id"] = new[0].actor_id
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_generating, daemon=True)
+    killer.start()
+    rows = run_raft(cfg)
+    killer.join(timeout=5)
+    assert "id" in killed, "the generation actor never came up"
+    assert [r["iteration"] for r in rows] == [1] and "sync_s" in rows[0]
+    assert list_actors(filters=[("actor_id", "=", killed["id"])], detail=True)[0].num_restarts >= 1

@@ -184,9 +184,9 @@ class CriticActor(_Scorer):
 
     @staticmethod
     def _load(model_dir):
-        from transformers import AutoModelForTokenClassification
+        from lmflow_ray.models.loading import load_value_model
 
-        return AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1, use_safetensors=True)
+        return load_value_model(model_dir)
 
     def values(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         def fn(ids, mask):

@@ -43,6 +43,9 @@ class Graph:
             raise UserError(f"output_dir {out} is not empty; choose a new output_dir")
         RewardScorer.load(cfg.reward)  # a bad reward spec fails here, before any actor starts
         _, self.all_prompts = read_prompts(cfg.data.path)
+        empty = next((i for i, p in enumerate(self.all_prompts) if not p), None)
+        if empty is not None:
+            raise UserError(f"{cfg.data.path}: instance {empty} has an empty prompt; remove it or give it text")
         self.cfg, self.out = cfg, out
         self.base = self.weights = str(resolve_model(cfg.model))
         out.mkdir(parents=True)
@@ -53,10 +56,10 @@ class Graph:
         pool = ray.data.from_items([{"i": i} for i in range(len(self.all_prompts))]).random_shuffle(seed=seed.seed)
         self.order = [row["i"] for row in pool.iter_rows()]
         threads = max(1, int(g.cpus_per_actor))
-        placement = _placement(g)
+        self.pg = _placement_group(g)
         self.gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor,
                                              max_restarts=g.max_restarts, max_task_retries=g.max_restarts,
-                                             **placement(i))
+                                             **_bundle(self.pg, i))
                      .remote(g.engine, self.base, cfg.data.template, threads) for i in range(g.actors)]
         self.reward = RewardActor.options(num_cpus=0.5).remote(cfg.reward)
         self.ref = ReferenceActor.options(num_cpus=0.5).remote(self.base, 1)
@@ -66,6 +69,20 @@ class Graph:
         self.log = open(out / "metrics.jsonl", "a")
         self.rows: list[dict] = []
         self.started = time.time()
+
+    def close(self) -> None:
+        """Release the actors and the placement group (also after a failed iteration); idempotent."""
+        import ray
+
+        if not self.log.closed:
+            self.log.close()
+        for actor in [*self.gens, self.reward, self.ref, self.policy, self.critic]:
+            if actor is not None:
+                ray.kill(actor)
+        self.gens, self.reward, self.ref, self.policy, self.critic = [], None, None, None, None
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
 
     def add_critic(self, model_dir: str) -> None:
         from lmflow_ray.align.actors import CriticActor
@@ -166,12 +183,7 @@ class Graph:
 
     def finish(self, job: str, curves: dict[str, str]) -> list[dict]:
         """OUT/model (the last policy), reward.png, run.json; the actors are released."""
-        import ray
-
-        self.log.close()
-        for actor in [*self.gens, self.reward, self.ref, self.policy, self.critic]:
-            if actor is not None:
-                ray.kill(actor)
+        self.close()
         if self.weights != self.base:
             shutil.copytree(self.weights, self.out / "model")
         plot(self.rows, curves, self.out / "reward.png")
@@ -181,13 +193,12 @@ class Graph:
         return self.rows
 
 
-def _placement(g):
-    """Per-actor scheduling options: bundle i of a placement group over all generation actors, or none."""
+def _placement_group(g):
+    """One placement group over all generation actors (a bundle each), or None for Ray's default scheduling."""
     if g.placement_strategy is None:
-        return lambda i: {}
+        return None
     import ray
     from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     bundle = {"CPU": g.cpus_per_actor, **({"GPU": g.gpus_per_actor} if g.gpus_per_actor else {})}
     pg = placement_group([bundle] * g.actors, strategy=g.placement_strategy)
@@ -199,8 +210,15 @@ def _placement(g):
                         f"be placed within {g.placement_timeout_s:.0f}s on this cluster "
                         f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs); lower generation.actors or the per-actor "
                         "resources, or use PACK / SPREAD") from None
-    return lambda i: {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                                placement_group_bundle_index=i)}
+    return pg
+
+
+def _bundle(pg, i: int) -> dict:
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)}
 
 
 def plot(rows: list[dict], curves: dict[str, str], png: Path) -> None:

@@ -55,36 +55,40 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
 
     r = cfg.raft
     graph = Graph(cfg, Path(cfg.output_dir))
-    pending = graph.submit(graph.prompts(1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + 1)
-    for it in range(1, r.iterations + 1):
-        if it > 1 and graph.out_of_time(r.time_budget_s):
-            print(f"[lmflow-ray] time budget of {r.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
-            break
-        if pending is None:
-            pending = graph.submit(graph.prompts(it, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it)
-        batch, stale = pending["batch"], pending["weights"] != graph.weights
-        roll, pending = graph.collect(pending), None
-        got = graph.score(roll)
-        scores, k = got["scores"], r.samples_per_prompt
-        samples = [{"responses": roll["responses"][i * k:(i + 1) * k]} for i in range(len(batch))]
-        kept = keep_best(samples, [scores[i * k:(i + 1) * k] for i in range(len(batch))], r.keep_top, r.min_reward)
-        kl = sum(p - sum(q) for p, q in zip(roll["logps"], got["ref"])) / len(scores)
-        row = {"iteration": it, "reward_mean": sum(scores) / len(scores), "reward_max": max(scores),
-               "reward_kept_mean": sum(x[2] for x in kept) / len(kept) if kept else None, "kept": len(kept), "kl": kl,
-               "gen_s": roll["gen_s"], "score_s": got["score_s"],
-               "gen_tokens_per_s": roll["tokens"] / max(roll["gen_wall_s"], 1e-9), "stale_samples": stale}
-        if r.overlap and it < r.iterations:
-            # The next rollout runs on the generation actors while this update trains (one update behind).
-            pending = graph.submit(graph.prompts(it + 1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it + 1)
-        if kept:
-            it_dir = Path(cfg.output_dir) / "iterations" / f"{it:03d}"
-            it_dir.mkdir(parents=True)
-            _write_sft(it_dir / "kept.json", batch, kept)
-            row.update(graph.update(it, FinetuneConfig, it_dir / "kept.json"))
-        graph.record(row, f"[lmflow-ray] raft iteration {it}/{r.iterations}: reward {row['reward_mean']:.4f} "
-                          f"(kept {row['reward_kept_mean'] if kept else float('nan'):.4f}, {len(kept)} samples) "
-                          f"kl {kl:.3f} gen {row['gen_s']:.1f}s score {row['score_s']:.1f}s "
-                          f"train {row.get('train_s', 0):.1f}s")
+    try:
+        pending = graph.submit(graph.prompts(1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + 1)
+        for it in range(1, r.iterations + 1):
+            if it > 1 and graph.out_of_time(r.time_budget_s):
+                print(f"[lmflow-ray] time budget of {r.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
+                break
+            if pending is None:
+                pending = graph.submit(graph.prompts(it, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it)
+            batch, stale = pending["batch"], pending["weights"] != graph.weights
+            roll, pending = graph.collect(pending), None
+            got = graph.score(roll)
+            scores, k = got["scores"], r.samples_per_prompt
+            samples = [{"responses": roll["responses"][i * k:(i + 1) * k]} for i in range(len(batch))]
+            kept = keep_best(samples, [scores[i * k:(i + 1) * k] for i in range(len(batch))], r.keep_top, r.min_reward)
+            kl = sum(p - sum(q) for p, q in zip(roll["logps"], got["ref"])) / len(scores)
+            row = {"iteration": it, "reward_mean": sum(scores) / len(scores), "reward_max": max(scores),
+                   "reward_kept_mean": sum(x[2] for x in kept) / len(kept) if kept else None, "kept": len(kept), "kl": kl,
+                   "gen_s": roll["gen_s"], "score_s": got["score_s"],
+                   "gen_tokens_per_s": roll["tokens"] / max(roll["gen_wall_s"], 1e-9), "stale_samples": stale}
+            if r.overlap and it < r.iterations and not graph.out_of_time(r.time_budget_s):
+                # The next rollout runs on the generation actors while this update trains (one update behind).
+                pending = graph.submit(graph.prompts(it + 1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it + 1)
+            if kept:
+                it_dir = Path(cfg.output_dir) / "iterations" / f"{it:03d}"
+                it_dir.mkdir(parents=True)
+                _write_sft(it_dir / "kept.json", batch, kept)
+                row.update(graph.update(it, FinetuneConfig, it_dir / "kept.json"))
+            graph.record(row, f"[lmflow-ray] raft iteration {it}/{r.iterations}: reward {row['reward_mean']:.4f} "
+                              f"(kept {row['reward_kept_mean'] if kept else float('nan'):.4f}, {len(kept)} samples) "
+                              f"kl {kl:.3f} gen {row['gen_s']:.1f}s score {row['score_s']:.1f}s "
+                              f"train {row.get('train_s', 0):.1f}s")
+    except BaseException:
+        graph.close()  # actors and placement group go, whatever failed
+        raise
     return graph.finish("raft", {"reward_mean": "mean sample reward", "reward_kept_mean": "kept samples"})
 
 

@@ -69,3 +69,19 @@ def load_for_generation(model: str | Path, dtype=None):
         m = load_causal_lm(path, dtype=dtype)
     m.eval()
     return m, load_tokenizer(path)
+
+
+def load_value_model(model: str | Path, dtype=None):
+    """A one-label token-classification model (PPO's critic: a value per token), dropout off.
+
+    From a critic dir, a reward model (its score head is the value head) or a causal LM (new head).
+    Dropout off: training and the critic actor must compute the same values.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    path = resolve_model(str(model))
+    config = AutoConfig.from_pretrained(str(path), num_labels=1)
+    config.classifier_dropout = 0.0
+    return AutoModelForTokenClassification.from_pretrained(str(path), config=config, dtype=dtype or torch.float32,
+                                                           use_safetensors=True)

@@ -215,7 +215,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if task == "ppo":
         import ray.data
 
-        dataset, eval_dataset = ray.data.read_json(d.path), None
+        # Shuffled: rollouts come prompt-major, and a dropped tail must not always be the same rows.
+        dataset, eval_dataset = ray.data.read_json(d.path).random_shuffle(seed=cfg.seed).materialize(), None
         info = {"rows": dataset.count(), "eval_rows": 0, "type": "rollouts", "packing": False}
     elif task == "finetune":
         dataset, eval_dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,

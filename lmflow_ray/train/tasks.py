@@ -268,16 +268,14 @@ class PPOTask(Task):
 
     def build_model(self):
         import torch
-        from transformers import AutoModelForTokenClassification
 
+        from lmflow_ray.models.loading import load_value_model
         from lmflow_ray.train.loop import build_model
 
         policy = build_model(self.cfg, self.plan)
         critic = None
         if self.cfg.critic:
-            dtype = torch.bfloat16 if self.plan["bf16"] else torch.float32
-            critic = AutoModelForTokenClassification.from_pretrained(self.cfg.critic, num_labels=1, dtype=dtype,
-                                                                     use_safetensors=True)
+            critic = load_value_model(self.cfg.critic, torch.bfloat16 if self.plan["bf16"] else torch.float32)
         return PolicyWithCritic.build(policy, critic)
 
     def param_groups(self, model) -> list:
