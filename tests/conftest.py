@@ -84,7 +84,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_ray_head(num_cpus: int = 8):
+def private_ray_head(num_cpus: int = 8, temp: Path | None = None):
     """A separate Ray head on free ports for CLI tests (`ray job submit`, `serve run`).
 
     Yields (env, gcs_address, dashboard_url). Every port is free-picked: the session's own
@@ -102,8 +102,9 @@ def private_ray_head(num_cpus: int = 8):
     ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    # Short path: Ray's unix sockets live under the temp dir (107-character limit).
-    temp = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
+    # Short path: Ray's unix sockets live under the temp dir (107-character limit). `ray start` writes its
+    # address file there (ray_current_cluster), where `RAY_TMPDIR=<its parent>` clients look for it.
+    temp = temp or Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     subprocess.run([str(Path(venv_bin) / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
                     "--disable-usage-stats", *ports], check=True, env=env, capture_output=True, timeout=180)

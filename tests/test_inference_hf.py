@@ -82,6 +82,20 @@ def test_logprobs_match_a_forward_pass(engine, greedy):
         assert torch.equal(logits.argmax(-1), torch.tensor(c.token_ids))
 
 
+def test_top_logprobs_are_the_forward_pass_top_k(engine, greedy):
+    (c,), = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=6, logprobs=True, top_logprobs=3))
+    prompt_ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([prompt_ids + c.token_ids])).logits[0, len(prompt_ids) - 1: -1]
+    best = torch.log_softmax(logits, -1).topk(3, dim=-1)
+    assert len(c.top_logprobs) == len(c.token_ids) == 6
+    for t, (token, alts) in enumerate(zip(c.token_ids, c.top_logprobs)):
+        assert [a for a, _ in alts] == best.indices[t].tolist() and alts[0][0] == token
+        assert torch.allclose(torch.tensor([lp for _, lp in alts]), best.values[t], atol=1e-3)
+    with pytest.raises(UserError, match="top_logprobs needs logprobs on"):
+        SamplingParams(top_logprobs=2)
+
+
 def test_stream_yields_pieces_that_join_to_the_greedy_text(engine, greedy):
     pieces = list(engine.stream(PROMPTS[1], SamplingParams(max_tokens=24)))
     assert len(pieces) >= 3

@@ -121,11 +121,78 @@ def test_models_are_listed_and_routed_by_model_field(client, tiny_llama, tiny_ad
     assert base.choices[0].text != lora.choices[0].text
 
 
-def test_logprobs_are_returned(client):
-    r = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0, logprobs=0)
-    lp = r.choices[0].logprobs
-    assert len(lp.token_logprobs) == 5 and all(x <= 0 for x in lp.token_logprobs)
-    assert "".join(lp.tokens) == r.choices[0].text
+@pytest.mark.parametrize("prefix", ["", "/vllm"], ids=["hf", "vllm"])
+def test_logprobs_with_top_alternatives(server, prefix):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}{prefix}/v1", api_key=TEST_API_KEY, max_retries=0, timeout=300)
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0,
+                                  logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # Greedy: the sampled token is the most likely one, so the 2 alternatives include it.
+        assert len(top) == 2 and top[token] == pytest.approx(chosen, abs=1e-4) and max(top.values()) <= chosen + 1e-4
+    r = _chat(client, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert "".join(x.token for x in content) == r.choices[0].message.content
+    for x in content:
+        assert len(x.top_logprobs) == 3 and x.top_logprobs[0].token == x.token
+        assert x.top_logprobs[0].logprob == pytest.approx(x.logprob, abs=1e-4)
+        assert [a.logprob for a in x.top_logprobs] == sorted((a.logprob for a in x.top_logprobs), reverse=True)
+    plain = _chat(client, max_tokens=3, logprobs=True).choices[0].logprobs.content
+    assert plain and all(x.top_logprobs == [] and x.logprob <= 0 for x in plain)
+
+
+LOGPROB_BAD = [
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 100}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "top_logprobs": 2}, None),
+    ("/v1/chat/completions", {"messages": QUESTION, "logprobs": "yes"}, "logprobs"),
+    ("/v1/chat/completions", {"messages": QUESTION, "stream": "yes"}, "stream"),
+]
+
+
+@pytest.mark.parametrize("route,body,param", LOGPROB_BAD, ids=[f"{r}-{json.dumps(b)[-28:]}" for r, b, _ in LOGPROB_BAD])
+def test_out_of_range_logprobs_and_non_boolean_flags_get_400(server, route, body, param):
+    r = httpx.post(f"{server}/vllm{route}", json={"model": "smollm2", "max_tokens": 2, **body}, timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    if param is None:
+        assert err["message"] == "top_logprobs needs logprobs: true"
+
+
+def test_body_that_is_not_a_json_object_is_named(server):
+    url = f"{server}/vllm/v1/chat/completions"
+    body = json.dumps({"model": "smollm2", "messages": QUESTION})
+    r = httpx.post(url, content=body, headers={"Content-Type": "text/plain"}, timeout=60)
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "Content-Type: application/json" in msg and "'text/plain'" in msg and "None" not in msg
+    r = httpx.post(url, data={"model": "smollm2"}, timeout=60)  # a form body
+    assert r.status_code == 400 and "'application/x-www-form-urlencoded'" in r.json()["error"]["message"]
+    r = httpx.post(url, json=[{"model": "smollm2", "messages": QUESTION}], timeout=60)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the request body must be a JSON object with the request's fields, got an array"
+
+
+def test_serving_on_a_cluster_that_already_serves_replaces_nothing(server):
+    from lmflow_ray.errors import UserError
+    from lmflow_ray.serve.app import run_server
+    from lmflow_ray.serve.config import parse_serve_config
+
+    port = int(server.rsplit(":", 1)[1])
+    cfg = parse_serve_config({"models": [{"path": "tiny-llama"}]})
+    with pytest.raises(UserError, match="already serves an application 'main'"):
+        run_server(cfg, port=port, name="main", blocking=False)
+    with pytest.raises(UserError, match=f"Serve already runs on this Ray cluster with HTTP on port {port}"):
+        run_server(cfg, port=free_port(), name="other", blocking=False)
+    with pytest.raises(UserError, match="route prefix /vllm is taken by application 'vllm'"):
+        run_server(cfg, port=port, name="other", route_prefix="/vllm", blocking=False)
+    assert httpx.get(f"{server}/health").status_code == 200  # nothing was replaced
 
 
 # ----------------------------------------------------------------------------- errors, auth

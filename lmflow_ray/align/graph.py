@@ -48,7 +48,11 @@ class Graph:
             raise UserError(f"{cfg.data.path}: instance {empty} has an empty prompt; remove it or give it text")
         self.cfg, self.out = cfg, out
         self.base = self.weights = str(resolve_model(cfg.model))
-        out.mkdir(parents=True)
+        if cfg.generation.engine == "vllm":
+            from lmflow_ray.inference.vllm_engine import check_vllm_model
+
+            check_vllm_model(self.base, on_gpu=cfg.generation.gpus_per_actor > 0)
+        out.mkdir(parents=True, exist_ok=True)  # an existing empty dir is fine, as for finetune
         init_ray()
         g = cfg.generation
         seed = getattr(cfg, "raft", None) or cfg.ppo

@@ -59,10 +59,14 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
              engine: str = "hf", params=None, template: str | None = None, batch_size: int = 16) -> dict:
     from lmflow_ray.eval.metrics import diversity
     from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.models.zoo import resolve_model
 
+    if not metrics:
+        raise UserError(f"--metrics is empty; give one or more of {', '.join(METRICS)}, comma-separated")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UserError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    resolve_model(model)  # a bad --model is named first, before what depends on it
     if "reward" in metrics and not reward:
         raise UserError("--metrics reward needs --reward (a reward model dir or module:function)")
     out = Path(out)

@@ -20,6 +20,8 @@ from typing import Literal
 
 from lmflow_ray.errors import UserError
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5
+
 
 @dataclass
 class SamplingParams:
@@ -33,6 +35,8 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logprobs: bool = False
+    # With logprobs: also the this-many most likely tokens at each position (OpenAI's top_logprobs).
+    top_logprobs: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -43,6 +47,9 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"),
+            (self.logprobs or not self.top_logprobs, "top_logprobs needs logprobs on"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop strings must be non-empty strings, got {self.stop}"),
         ]
         for ok, message in checks:
@@ -62,6 +69,8 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float] | None  # log p(token) under the model's raw distribution, one per token_ids entry
     finish_reason: Literal["stop", "length"]
+    # With params.top_logprobs = k: per position, the k most likely (token id, log p), most likely first.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class Engine(ABC):

@@ -112,17 +112,14 @@ def _count_forwards(module):
 
 def _load_with_rope_scaling(model: str | Path, rope_scaling: dict, dtype=None):
     """(model, tokenizer) with `rope_scaling` set on the config before the weights load (RoPE tables are built then)."""
-    import json
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmflow_ray.models.loading import load_tokenizer, set_rope_scaling
-    from lmflow_ray.models.zoo import resolve_model
+    from lmflow_ray.models.zoo import base_and_adapter
 
-    path = resolve_model(str(model))
-    adapter = (path / "adapter_config.json").is_file()
-    base = resolve_model(json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]) if adapter else path
+    base, adapter = base_and_adapter(str(model))
+    path = adapter or base
     config = set_rope_scaling(AutoConfig.from_pretrained(str(base)), rope_scaling)
     m = AutoModelForCausalLM.from_pretrained(str(base), config=config, dtype=dtype or torch.float32, use_safetensors=True)
     if adapter:
@@ -262,17 +259,21 @@ class HFEngine(Engine):
         enc = self._encode(prompts, add_special_tokens)
         out = self._run(enc, params, stats=stats)
         new = out.sequences[:, enc["input_ids"].shape[1]:]
-        logprobs = None
+        logprobs = top = None
         if params.logprobs:
-            steps = [torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t:t + 1])
-                     for t, step in enumerate(out.logits[: new.shape[1]])]
-            logprobs = torch.cat(steps, dim=1).tolist()
-        rows = [self._completion(new[i].tolist(), logprobs[i] if logprobs else None, params) for i in range(len(new))]
+            steps = [torch.log_softmax(step.float(), dim=-1) for step in out.logits[: new.shape[1]]]
+            logprobs = torch.cat([s.gather(-1, new[:, t:t + 1]) for t, s in enumerate(steps)], dim=1).tolist()
+            if params.top_logprobs:
+                best = [s.topk(params.top_logprobs, dim=-1) for s in steps]  # per step: (rows, k) values and ids
+                top = [[list(zip(b.indices[i].tolist(), b.values[i].tolist())) for b in best] for i in range(len(new))]
+        rows = [self._completion(new[i].tolist(), logprobs[i] if logprobs else None, params, top[i] if top else None)
+                for i in range(len(new))]
         per_prompt = 1 if params.greedy else params.n  # greedy n > 1: the same answer n times
         groups = [rows[i:i + per_prompt] for i in range(0, len(rows), per_prompt)]
         return [g * params.n if per_prompt == 1 and params.n > 1 else g for g in groups]
 
-    def _completion(self, tokens: list[int], logprobs: list[float] | None, params: SamplingParams) -> Completion:
+    def _completion(self, tokens: list[int], logprobs: list[float] | None, params: SamplingParams,
+                    top: list | None = None) -> Completion:
         """One row's completion: cut after its end-of-sequence token (padding follows) or its first stop string."""
         reason = "length"
         end = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), None)
@@ -286,7 +287,7 @@ class HFEngine(Engine):
                        if first_stop(self.tokenizer.decode(tokens[:k], skip_special_tokens=True), params.stop) is not None)
             tokens, text, reason = tokens[:end], text[:cut], "stop"
         return Completion(text=text, token_ids=tokens, logprobs=logprobs[: len(tokens)] if logprobs else None,
-                          finish_reason=reason)
+                          finish_reason=reason, top_logprobs=top[: len(tokens)] if top else None)
 
 
 def chat_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,

@@ -111,6 +111,11 @@ def infer(model: str, data: str | Path, out: str | Path, engine: str = "hf", str
         raise UserError("--stream prints one completion per prompt in this process; use n = 1 and no --workers")
     if engine == "hf":
         engine_kw["max_batch_size"] = batch_size  # vLLM schedules its own batches
+    elif workers:  # in this process VLLMEngine.load checks the same, before starting
+        from lmflow_ray.inference.vllm_engine import check_vllm_model, refuse_hf_options
+
+        refuse_hf_options(engine_kw)
+        check_vllm_model(model)
     engine_kw["template"] = template
     chat = summary.type == "conversation"  # rendered chat text already holds its special tokens
     stats = {"count": 0, "tokens": 0}

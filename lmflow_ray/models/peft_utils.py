@@ -74,20 +74,61 @@ def lisa_select(model, active_layers: int, step: int, seed: int) -> list[int]:
     return chosen
 
 
+def check_adapter_fits(base: str, adapter: str) -> Path:
+    """The adapter's directory, once its LoRA matrices are known to fit `base`'s layers (else one UserError line).
+
+    Reads only the adapter's tensor shapes and the base's module tree (meta device), so a
+    mismatch is named before any weights load: peft would otherwise fail with a
+    state_dict size-mismatch traceback.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    from lmflow_ray.models.zoo import resolve_model
+
+    try:
+        adapter_dir = resolve_model(adapter)
+    except UserError:  # say what an adapter dir must hold, not what a model dir must
+        adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"adapter {adapter}: no adapter_config.json in {adapter_dir}; pass a LoRA output dir "
+                        "(lmflow-ray finetune with lora.enabled writes one in OUT/model)")
+    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return adapter_dir
+    modules = dict(empty_model(str(resolve_model(base))).named_modules())
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            kind = "A" if ".lora_A." in key else "B" if ".lora_B." in key else None
+            if kind is None:
+                continue
+            name = key.removeprefix("base_model.model.").split(f".lora_{kind}.")[0]
+            shape = f.get_slice(key).get_shape()
+            module = modules.get(name)
+            have = getattr(module, "in_features" if kind == "A" else "out_features", None)
+            need = shape[1] if kind == "A" else shape[0]
+            if have != need:
+                found = f"its layer {name} has {have} {'inputs' if kind == 'A' else 'outputs'}" if module is not None \
+                    else f"it has no layer {name}"
+                raise UserError(f"adapter {adapter} does not fit base model {base}: the adapter was trained on "
+                                f"{trained_on} and expects {need} {'inputs' if kind == 'A' else 'outputs'} at {name}, "
+                                f"but {found}; pass the base it was trained on")
+    return adapter_dir
+
+
 def merge_lora(base: str, adapter: str, out: str) -> Path:
     """Merge a LoRA adapter into its base model and save a plain HF model directory."""
     import torch
     from peft import PeftModel
 
     from lmflow_ray.models.loading import load_causal_lm, load_tokenizer
-    from lmflow_ray.models.zoo import resolve_model
 
-    adapter_dir = resolve_model(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter}: no adapter_config.json in {adapter_dir}; pass a LoRA output dir")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
+    adapter_dir = check_adapter_fits(base, adapter)
     model = load_causal_lm(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)

@@ -73,6 +73,15 @@ def resolve_model(name_or_path: str, fetch: bool = True) -> Path:
     )
 
 
+def base_and_adapter(name_or_path: str) -> tuple[Path, Path | None]:
+    """(base model dir, LoRA adapter dir or None) of a zoo name, model dir, training output or adapter dir."""
+    path = resolve_model(str(name_or_path))
+    if (path / "adapter_config.json").is_file():
+        trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        return resolve_model(str(trained_on)), path
+    return path, None
+
+
 def fetch_model(name: str, force: bool = False) -> Path:
     if name not in ZOO:
         raise UserError(f"unknown zoo model '{name}'; known: {', '.join(zoo_names())}")

@@ -38,6 +38,7 @@ from lmflow_ray.serve.protocol import (
     completion_chunk,
     completion_response,
     new_id,
+    validation_message,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -88,7 +89,7 @@ class ModelServer:
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"],
                                     top_k=req["top_k"], stop=req["stop"], seed=req["seed"], n=req["n"],
-                                    logprobs=bool(req["logprobs"]))
+                                    logprobs=req["logprobs"], top_logprobs=req["top_logprobs"])
         except UserError as e:
             raise APIError(400, e.message) from None
         return prompts, sum(lengths), special, params
@@ -99,12 +100,20 @@ class ModelServer:
     def _choice(self, c, kind: str, logprobs: bool) -> dict:
         out = {"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids), "logprobs": None}
         if logprobs and c.logprobs is not None:
-            tokens = [self.backend.tokenizer.decode([t]) for t in c.token_ids]
+            decode = self.backend.tokenizer.decode
+            tokens = [decode([t]) for t in c.token_ids]
+            top = c.top_logprobs or [[] for _ in tokens]
             if kind == "chat":
-                out["logprobs"] = {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                               for t, lp in zip(tokens, c.logprobs)]}
+                out["logprobs"] = {"content": [
+                    {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                     "top_logprobs": [{"token": decode([a]), "logprob": alp, "bytes": list(decode([a]).encode())}
+                                      for a, alp in alts]}
+                    for t, lp, alts in zip(tokens, c.logprobs, top)]}
             else:
-                out["logprobs"] = {"tokens": tokens, "token_logprobs": c.logprobs, "top_logprobs": None,
+                # OpenAI's legacy shape: per position the top alternatives and always the sampled token.
+                out["logprobs"] = {"tokens": tokens, "token_logprobs": c.logprobs,
+                                   "top_logprobs": [{**{decode([a]): alp for a, alp in alts}, t: lp}
+                                                    for t, lp, alts in zip(tokens, c.logprobs, top)],
                                    "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]}
         return out
 
@@ -152,7 +161,7 @@ class ModelServer:
         groups: dict[tuple, list[int]] = {}
         for i, (_, params, adapter, special) in enumerate(items):
             key = (adapter, special, params.temperature, params.top_p, params.top_k, tuple(params.stop), params.seed,
-                   params.n, params.logprobs)
+                   params.n, params.logprobs, params.top_logprobs)
             groups.setdefault(key, []).append(i)
         results: list = [None] * len(items)
         t0 = time.perf_counter()
@@ -182,7 +191,8 @@ class ModelServer:
 
         ids = c.token_ids[:max_tokens]
         return Completion(text=self.backend.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-                          logprobs=c.logprobs[:max_tokens] if c.logprobs else None, finish_reason="length")
+                          logprobs=c.logprobs[:max_tokens] if c.logprobs else None, finish_reason="length",
+                          top_logprobs=c.top_logprobs[:max_tokens] if c.top_logprobs else None)
 
     def info(self) -> dict:
         return {"context_len": self.backend.context_len}
@@ -205,19 +215,7 @@ async def _api_error(request: Request, e: APIError):
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, e: RequestValidationError):
-    first = e.errors()[0]
-    if first["type"] == "json_invalid":
-        return _error(APIError(400, f"request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"))
-    loc = [str(x) for x in first["loc"] if x != "body"]
-    param = ".".join(loc) or None
-    if first["type"] == "missing":
-        msg = f"'{param}' is a required field"
-    elif first["type"] == "literal_error" and loc and loc[-1] == "role":
-        msg = f"{param}: unknown role {first.get('input')!r}; use system, user or assistant"
-    elif first["type"] == "value_error":
-        msg = f"{param}: {first['msg'].removeprefix('Value error, ')}"
-    else:
-        msg = f"{param}: {first['msg']} (got {first.get('input')!r})"
+    msg, param = validation_message(e.errors()[0], request.headers.get("content-type"))
     return _error(APIError(400, msg, param=param))
 
 
@@ -293,14 +291,15 @@ class OpenAIIngress:
     async def chat(self, body: ChatRequest, request: Request):
         self._auth(request)
         req = {"kind": "chat", "messages": body.plain_messages(), **self._common(body),
-               "max_tokens": body.max_completion_tokens or body.max_tokens, "logprobs": body.logprobs}
+               "max_tokens": body.max_completion_tokens or body.max_tokens, "logprobs": body.logprobs,
+               "top_logprobs": body.top_logprobs or 0}
         return await self._respond(body, req, chat_response)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
         self._auth(request)
         req = {"kind": "completion", "prompts": body.prompts(), **self._common(body), "max_tokens": body.max_tokens,
-               "logprobs": body.logprobs is not None}
+               "logprobs": body.logprobs is not None, "top_logprobs": body.logprobs or 0}
         return await self._respond(body, req, completion_response)
 
     @staticmethod
@@ -371,20 +370,113 @@ def build_app(args: dict):
     return build(parse_serve_config(dict(args)))
 
 
+def check_address(host: str, port: int) -> int:
+    """The address family of host:port, or one UserError line for a port out of range or an unknown host."""
+    import socket
+
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise UserError(f"port {port!r} is not a port number 1-65535; fix --port (or http_options.port of the "
+                        "serve YAML), e.g. --port 8000")
+    if not host:
+        raise UserError("--host is empty; use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        raise UserError(f"--host {host}: not a known host name or address; use 127.0.0.1 or 0.0.0.0") from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse, in one line, an address this machine cannot listen on or one another server holds."""
+    import errno
+    import socket
+
+    family = check_address(host, port)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR ignores sockets in TIME_WAIT but not a listening one (Serve's proxy, another server).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} is already in use (another server, perhaps another "
+                                "`lmflow-ray serve`); pick a free --port or stop that server") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError(f"--host {host} is not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --host/--port") from None
+
+
+def preflight(cfg: ServeConfig) -> None:
+    """Check every model, draft and adapter path (building zoo models) before any replica starts."""
+    from lmflow_ray.inference.vllm_engine import check_vllm_model
+    from lmflow_ray.models.peft_utils import check_adapter_fits
+    from lmflow_ray.models.zoo import base_and_adapter, resolve_model
+
+    for spec in cfg.models:
+        base, _ = base_and_adapter(spec.path)
+        if spec.draft_model:
+            resolve_model(spec.draft_model)
+        for name, path in spec.adapters.items():
+            try:
+                check_adapter_fits(str(base), path)
+            except UserError as e:
+                raise UserError(f"adapter '{name}': {e.message}") from None
+        if spec.engine == "vllm":
+            check_vllm_model(spec.path)
+
+
+def check_cluster_serve(name: str, port: int, route_prefix: str = "/") -> bool:
+    """On a cluster that already runs Serve: refuse to replace its application `name` or to move its HTTP port.
+
+    Returns whether Serve was running there (its proxy already holds the port we will share).
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return False
+    details = client.get_serve_details()
+    running_port = (details.get("http_options") or {}).get("port")
+    apps = details.get("applications") or {}
+    if name in apps:
+        raise UserError(f"this Ray cluster already serves an application '{name}' (HTTP port {running_port}); "
+                        "stop it first (`serve shutdown`, or Ctrl-C where it was started), or serve on another cluster")
+    if running_port is not None and running_port != port:
+        raise UserError(f"Serve already runs on this Ray cluster with HTTP on port {running_port}; it cannot also "
+                        f"listen on {port}: use --port {running_port} to add this application beside the others")
+    taken = next((app for app, d in apps.items() if d.get("route_prefix") == route_prefix), None)
+    if taken:
+        raise UserError(f"route prefix {route_prefix} is taken by application '{taken}' on this Ray cluster; "
+                        "serve under another prefix or stop that application first")
+    return True
+
+
 def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
                name: str = "lmflow", route_prefix: str = "/"):
-    """Start Serve on host:port (joining RAY_ADDRESS or a local cluster) and deploy the app."""
+    """Start Serve on host:port (joining RAY_ADDRESS or a local cluster) and deploy the app.
+
+    A port another server holds, an application of the same name already on the cluster, or a bad
+    model/adapter path is one error line before anything is deployed; nothing running is replaced.
+    """
     import sys
 
-    from lmflow_ray.models.zoo import resolve_model
+    import ray
+
     from lmflow_ray.runtime import init_ray
 
-    # Check every path (and build zoo models) here, with a clear error, before any replica starts.
-    for spec in cfg.models:
-        for p in [spec.path, spec.draft_model, *spec.adapters.values()]:
-            if p:
-                resolve_model(p)
+    check_address(host, port)
+    joining = bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    if not joining:  # a private cluster has no Serve yet: whatever holds the port is another server
+        check_listen(host, port)
+    preflight(cfg)
     init_ray()
+    shared = False
+    if joining:
+        shared = check_cluster_serve(name, port, route_prefix)
+        if shared:
+            print(f"[lmflow-ray] Serve already runs on this Ray cluster: adding application '{name}' at "
+                  f"{route_prefix} beside the others", file=sys.stderr)
+        else:
+            check_listen(host, port)
     serve.start(http_options={"host": host, "port": port})
     print(f"starting {len(cfg.models)} model(s): {', '.join(m for s in cfg.models for m in s.ids)} ...", file=sys.stderr)
     t0 = time.time()
@@ -396,5 +488,6 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, bloc
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.shutdown()
+            # Only our application goes: others on a shared Serve keep running.
+            serve.delete(name) if shared else serve.shutdown()
     return base

@@ -227,9 +227,10 @@ class VLLMBackend(Backend):
 
     @staticmethod
     def _completion(o, params: SamplingParams) -> Completion:
+        from lmflow_ray.inference.vllm_engine import completion_of
+
         text, token_ids, reason, logprobs = o
-        lps = [float(step[t].logprob) for t, step in zip(token_ids, logprobs)] if params.logprobs and logprobs else None
-        return Completion(text=text, token_ids=token_ids, logprobs=lps, finish_reason="length" if reason == "length" else "stop")
+        return completion_of(text, token_ids, reason, logprobs, params)
 
     async def generate(self, prompts, params, adapter, add_special_tokens):
         return list(await asyncio.gather(*(self._one(p, params, adapter, add_special_tokens) for p in prompts)))

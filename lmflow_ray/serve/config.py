@@ -14,7 +14,17 @@ from typing import Any, Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
-from lmflow_ray.config import TEMPLATE_NAMES, Strict, check_rope_scaling, format_validation_error, read_yaml
+from lmflow_ray.config import (
+    TEMPLATE_NAMES,
+    AtLeast0,
+    AtLeast1,
+    NonNegative,
+    Positive,
+    Strict,
+    check_rope_scaling,
+    format_validation_error,
+    read_yaml,
+)
 from lmflow_ray.errors import UserError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -23,12 +33,12 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 class Autoscaling(Strict):
     """Ray Serve autoscaling of one model's replicas (see Serve's `autoscaling_config`)."""
 
-    min_replicas: int = 1
-    max_replicas: int = 1
+    min_replicas: AtLeast0 = 1
+    max_replicas: AtLeast1 = 1
     # Replicas are added when the average number of requests in flight per replica exceeds this.
-    target_ongoing_requests: float = 8.0
-    upscale_delay_s: float = 5.0
-    downscale_delay_s: float = 60.0
+    target_ongoing_requests: Positive = 8.0
+    upscale_delay_s: NonNegative = 5.0
+    downscale_delay_s: NonNegative = 60.0
 
     @model_validator(mode="after")
     def _order(self):
@@ -55,24 +65,24 @@ class ModelSpec(Strict):
     # Context length (prompt + completion tokens); default: the model's max_position_embeddings.
     max_model_len: int | None = None
     # Largest `max_tokens` a request may ask for.
-    max_tokens_limit: int = 1024
+    max_tokens_limit: AtLeast1 = 1024
     # Speculative decoding draft model for greedy requests (hf engine).
     draft_model: str | None = None
     # Dynamic batching of concurrent requests (hf engine; vLLM batches continuously).
-    max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.02
+    max_batch_size: AtLeast1 = 16
+    batch_wait_timeout_s: NonNegative = 0.02
     # Replicas: a fixed number, or autoscaling between bounds.
-    num_replicas: int = 1
+    num_replicas: AtLeast1 = 1
     autoscaling: Autoscaling | None = None
     # Requests one replica works on at once, and requests allowed to wait for one; beyond
     # that the server answers 503 at once instead of queueing without bound.
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 256
+    max_ongoing_requests: AtLeast1 = 64
+    max_queued_requests: AtLeast1 = 256
     # Ray CPUs reserved per replica and torch threads it uses (None: torch's default).
-    num_cpus: float = 1.0
-    torch_threads: int | None = None
+    num_cpus: NonNegative = 1.0
+    torch_threads: AtLeast1 | None = None
     # vLLM: CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_gb: int = 2
+    kv_cache_gb: AtLeast1 = 2
 
     @field_validator("template")
     @classmethod
@@ -82,13 +92,6 @@ class ModelSpec(Strict):
         return v
 
     _rope = field_validator("rope_scaling")(classmethod(lambda cls, v: check_rope_scaling(v)))
-
-    @field_validator("max_tokens_limit", "max_batch_size", "num_replicas", "max_ongoing_requests", "max_queued_requests")
-    @classmethod
-    def _positive(cls, v):
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
 
     @model_validator(mode="after")
     def _fill(self):
@@ -116,7 +119,7 @@ class ServeConfig(Strict):
     # the Ray cluster's environment), every route but /health needs `Authorization: Bearer KEY`.
     api_key_env: str = "LMFLOW_RAY_API_KEY"
     # Requests the HTTP front end works on at once (across all models).
-    max_ongoing_requests: int = 1024
+    max_ongoing_requests: AtLeast1 = 1024
 
     @model_validator(mode="before")
     @classmethod

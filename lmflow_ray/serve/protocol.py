@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 
 class APIError(Exception):
@@ -31,6 +31,33 @@ class APIError(Exception):
         return cls(status, e["message"], e["type"], e.get("param"), e.get("code"))
 
 
+def validation_message(error: dict, content_type: str | None) -> tuple[str, str | None]:
+    """(message, param) for the first pydantic error of a request body: names the field, or the body itself."""
+    loc = [str(x) for x in error["loc"] if x != "body"]
+    param = ".".join(loc) or None
+    kind = error["type"]
+    if kind == "json_invalid":
+        return f"request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})", None
+    if kind == "value_error":
+        msg = error["msg"].removeprefix("Value error, ")
+        return (f"{param}: {msg}" if param else msg), param
+    if param is None:  # the body as a whole is not a JSON object
+        ctype = (content_type or "").split(";")[0].strip()
+        if ctype != "application/json":
+            return (f"the request body must be a JSON object sent with 'Content-Type: application/json' "
+                    f"(got Content-Type {ctype or 'none'!r})"), None
+        if kind == "missing":
+            return "the request body is empty; send a JSON object with the request's fields", None
+        got = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+            type(error.get("input")), "not an object")
+        return f"the request body must be a JSON object with the request's fields, got {got}", None
+    if kind == "missing":
+        return f"'{param}' is a required field", param
+    if kind == "literal_error" and loc[-1] == "role":
+        return f"{param}: unknown role {error.get('input')!r}; use system, user or assistant", param
+    return f"{param}: {error['msg']} (got {error.get('input')!r})", param
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=False)
 
@@ -42,7 +69,8 @@ class _Request(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
-    stream: bool = False
+    # Strict: OpenAI refuses "yes" or 1 for a boolean; coercing them would hide a client bug.
+    stream: StrictBool = False
 
     @field_validator("max_tokens")
     @classmethod
@@ -78,7 +106,15 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
+    # The this-many most likely tokens at each position (needs logprobs: true), as OpenAI's API.
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def plain_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -87,7 +123,8 @@ class ChatRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | list[str]
     max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    # Log-probability of each token plus the this-many most likely alternatives (OpenAI: at most 5).
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
