@@ -335,8 +335,7 @@ class DPOConfig(FinetuneConfig):
 
 
 def config_class(task: str) -> type[FinetuneConfig]:
-    return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig,
-            "ppo": PPOTrainConfig}[task]
+    return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig}[task]
 
 
 # ----------------------------------------------------------------------------- RAFT
@@ -382,13 +381,23 @@ class RaftSettings(Strict):
         return self
 
 
+class ActorResources(Strict):
+    """Ray resources of one scoring actor (reward, reference): put them on GPU nodes with num_gpus."""
+
+    num_cpus: NonNegative = 0.5
+    num_gpus: NonNegative = 0.0
+
+
 class AlignConfig(JobConfig):
-    """What RAFT and PPO share: the reward, the generation actors, and the policy update's loop settings."""
+    """What RAFT and PPO share: the reward, the generation actors, and the policy trainer's settings."""
 
     # Reward model dir (lmflow-ray reward-model output) or Python function module:function.
     reward: str
     generation: GenerationSettings = GenerationSettings()
-    # The policy update of each iteration: the finetuning loop's settings.
+    reward_actor: ActorResources = ActorResources()
+    reference_actor: ActorResources = ActorResources()
+    # The policy trainer (alive for the whole run): the finetuning loop's settings; num_epochs = passes
+    # over each iteration's rows, the LR schedule spans all iterations.
     train: TrainConfig = TrainConfig()
     lora: LoraSettings = LoraSettings()
     scaling: ScalingSettings = ScalingSettings()
@@ -427,8 +436,12 @@ class PPOSettings(Strict):
     # Critic start: a reward model dir (its score head becomes the value head) or a causal LM;
     # default the policy's model with a zero value head.
     critic_model: str | None = None
-    # Learning rate of the critic (default: train.lr).
+    # Learning rate and gradient-clipping norm of the critic's own optimizer (default: train.lr, train.max_grad_norm).
     critic_lr: Positive | None = None
+    critic_max_grad_norm: NonNegative | None = None
+    # Subtracted from the score of a response cut at max_tokens without an end-of-sequence token
+    # (None: no penalty; truncated responses are counted in metrics.jsonl either way).
+    missing_eos_penalty: NonNegative | None = None
     # No new iteration starts after this many seconds (compare methods at equal wall clock).
     time_budget_s: Positive | None = None
     seed: int = 0
@@ -462,12 +475,9 @@ class PPOConfig(AlignConfig):
         if rollouts < per_step:
             raise ValueError(f"ppo.prompts_per_iteration x samples_per_prompt = {rollouts} rollouts make less than one "
                              f"training batch ({per_step}); sample more or lower train.micro_batch_size")
+        g = self.generation
+        if g.temperature != 1 or g.top_p != 1:
+            raise ValueError(f"generation.temperature ({g.temperature}) and generation.top_p ({g.top_p}) must be 1 for "
+                             "the PPO family: its log-probs and KL are of the untempered policy, so the samples must be "
+                             "drawn from it")
         return self
-
-
-class PPOTrainConfig(FinetuneConfig):
-    """One policy (+ critic) update on a rollout file: the finetuning loop with the PPO objective (internal)."""
-
-    ppo: PPOSettings = PPOSettings()
-    # The critic to train beside the policy (a token-classification model dir); None for critic-free estimators.
-    critic: str | None = None

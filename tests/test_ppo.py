@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -43,8 +42,9 @@ def test_grpo_raises_the_reward(ray_session, repo, tmp_path, tiny_llama):
         assert key in rows[-1], key
     assert not (out / "critic").exists()  # critic-free
     assert (out / "model" / "config.json").is_file() and (out / "reward.png").stat().st_size > 1000
-    rollout = json.loads((out / "iterations" / "001" / "rollouts.jsonl").read_text().splitlines()[0])
-    assert len(rollout["old_logp"]) == len(rollout["adv"]) == len(rollout["input_ids"]) - rollout["prompt_len"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "reward.png", "run.json"]
+    assert all(r["truncated"] >= 0 and r["sync_bytes"] > 0 for r in rows)
+    assert [r["optimizer_step"] for r in rows] == sorted({r["optimizer_step"] for r in rows})  # one trainer, counting on
 
 
 def test_ppo_with_critic_raises_the_reward(ray_session, repo, tmp_path, tiny_llama):
@@ -53,11 +53,10 @@ def test_ppo_with_critic_raises_the_reward(ray_session, repo, tmp_path, tiny_lla
     _rises(rows)
     assert all(r["vf_loss"] >= 0 for r in rows) and rows[-1]["vf_loss"] < rows[0]["vf_loss"]
     assert (out / "critic" / "config.json").is_file()
-    # The critic starts at 0 everywhere (zeroed value head) and learns values near the reward scale.
-    first = json.loads((out / "iterations" / "001" / "rollouts.jsonl").read_text().splitlines()[0])
-    last = json.loads((out / "iterations" / f"{len(rows):03d}" / "rollouts.jsonl").read_text().splitlines()[0])
-    assert all(v == 0.0 for v in first["old_value"])
-    assert abs(sum(last["old_value"]) / len(last["old_value"])) > 0.1
+    # The critic (its own trainer) starts at 0 everywhere (zeroed value head) and learns values near the
+    # reward scale, with its own learning rate.
+    assert rows[0]["value_mean"] == 0.0 and abs(rows[-1]["value_mean"]) > 0.1, [r["value_mean"] for r in rows]
+    assert rows[-1]["critic_lr"] > 0
 
 
 def test_ppo_cli_bad_config_exits_2(repo, tmp_path):

@@ -129,3 +129,50 @@ def test_ppo_config_errors(tmp_path):
     with pytest.raises(UserError, match="less than one training batch"):
         load_config(PPOConfig, bad, ["ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=4",
                                      "train.micro_batch_size=16"])
+
+
+# ----------------------------------------------------------------------------- math hardening
+
+
+def test_k3_kl_masks_before_exp_and_clamps():
+    # Position 1 is padding holding junk (ref 1e4): exp(1e4) = inf, and inf * 0 = NaN without masking first.
+    logp = torch.tensor([[-100.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, 1e4]])
+    mask = torch.tensor([[True, False]])
+    kl = k3_kl(logp, ref, mask)
+    kl.backward()
+    # d = ref - logp = 100 at the learned token, clamped to 10: exp(10) - 10 - 1.
+    assert math.isfinite(float(kl)) and float(kl) == pytest.approx(math.exp(10) - 11, rel=1e-5)
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_ppo_policy_loss_clamps_the_log_ratio_and_ignores_padding():
+    logp = torch.tensor([[-100.0, 5e3]], requires_grad=True)  # a very unlikely token; junk at the padding
+    old = torch.tensor([[0.0, -5e3]])
+    adv = torch.tensor([[1.0, 1.0]])
+    mask = torch.tensor([[True, False]])
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, 0.2)
+    loss.backward()
+    assert math.isfinite(float(loss)) and torch.isfinite(logp.grad).all()
+    assert float(loss) == pytest.approx(-math.exp(-20), abs=1e-9)  # ratio exp(clamp(-100)) = exp(-20)
+
+
+def test_ppo_family_refuses_tempered_or_truncated_sampling(repo, tmp_path):
+    for override in ("generation.temperature=0.7", "generation.top_p=0.9"):
+        with pytest.raises(UserError, match="must be 1 for the PPO family"):
+            load_config(PPOConfig, repo / "configs" / "ppo_tiny.yaml", [f"output_dir={tmp_path}", override])
+
+
+def test_truncated_responses_penalised_and_rows_aligned():
+    from lmflow_ray.align.ppo import penalise_truncated, rollout_rows
+
+    assert penalise_truncated([1.0, 0.5], [True, False], 0.25) == [1.0, 0.25]
+    assert penalise_truncated([1.0, 0.5], [True, False], None) == [1.0, 0.5]
+    roll = {"prompt_ids": [[1, 2], [1, 2], [3]], "response_ids": [[7, 8, 9], [], [4]]}
+    got = {"old": [[-1.0, -2.0, -3.0], [], [-0.5]], "ref": [[-1.1, -2.1, -3.1], [], [-0.4]],
+           "values": [[0.1, 0.2, 0.3], [], [0.0]]}
+    rows = rollout_rows(roll, got, [[1.0, 1.0, 1.0], [], [2.0]], [[0.5, 0.5, 0.5], [], [1.0]])
+    assert len(rows) == 2  # the empty response has nothing to learn
+    for r in rows:
+        n = len(r["input_ids"]) - r["prompt_len"]
+        assert len(r["old_logp"]) == len(r["ref_logp"]) == len(r["adv"]) == len(r["ret"]) == len(r["old_value"]) == n

@@ -1,6 +1,9 @@
 """RAFT as a Ray actor graph on tiny-llama with a rule-based reward (configs/raft_tiny.yaml).
 
 - The mean sample reward rises over iterations; KL to the reference starts at 0 and stays finite.
+- One policy trainer for the whole run (optimizer steps keep counting, the LR schedule spans the
+  run); weights reach the engines through Ray's object store, nothing is written under OUT between
+  iterations but metrics.jsonl; a LoRA policy syncs only its adapter, merged once at the end.
 - Weight sync: after `sync`, an HF or vLLM generation actor's greedy text changes and equals
   HF generation from the new weights, without restarting the engine.
 - A generation actor killed mid-call is restarted by Ray and the retried call completes with
@@ -43,8 +46,15 @@ def test_raft_raises_the_reward(raft_run):
     assert abs(rows[0]["kl"]) < 1e-3 and all(math.isfinite(r["kl"]) for r in rows)
     assert all(r["reward_kept_mean"] >= r["reward_mean"] for r in rows)
     assert (out / "model" / "config.json").is_file() and (out / "reward.png").stat().st_size > 1000
-    for key in ("gen_s", "score_s", "train_s", "sync_s", "gen_tokens_per_s"):
+    for key in ("gen_s", "score_s", "train_s", "sync_s", "sync_bytes", "gen_tokens_per_s", "loss", "lr", "rows_unused"):
         assert key in rows[-1]
+    # One trainer for the whole run: its optimizer steps keep counting and the LR schedule spans the run.
+    steps = [r["optimizer_step"] for r in rows]
+    assert steps == sorted(steps) and steps[0] > 0 and len(set(steps)) == 4, steps
+    assert rows[-1]["lr"] < rows[0]["lr"]  # cosine over all iterations, not restarted each one
+    # Weights went through Ray, not files: OUT holds only the run's outputs.
+    assert rows[0]["sync_transport"] == "ray-object-store" and rows[0]["sync_bytes"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "reward.png", "run.json"]
 
 
 def _check_sync(engine: str, base: str, trained: str, prompts=PROMPTS, params=GREEDY):
@@ -117,29 +127,46 @@ def test_killed_generation_actor_is_restarted_and_the_call_retried(raft_run, tin
     ray.kill(actor)
 
 
-def test_raft_with_lora_and_overlap(ray_session, repo, tmp_path, tiny_llama):
-    """lora.enabled: each iteration trains a fresh adapter on the current policy and merges it, so the
-    engines keep taking full weights and the next iteration starts from the merged policy.
-    raft.overlap: iteration 2's samples were drawn while iteration 1 trained (one update stale).
-    Two generation actors in one PACK placement group share each iteration's prompts."""
+def test_raft_with_lora_syncs_adapters_and_overlaps(ray_session, repo, tmp_path, tiny_llama):
+    """lora.enabled: the trainer trains one adapter for the whole run and only the adapter travels to the
+    engines (bytes recorded); it is merged once, at the end, into OUT/model, and an engine synced with the
+    adapter answers exactly as the merged model. raft.overlap: iteration 2's samples were drawn while
+    iteration 1 trained (one update stale). Two generation actors in one PACK placement group."""
     import json
 
+    import ray
+    from safetensors.torch import load_file
+
+    from lmflow_ray.align.actors import GenerationActor
     from lmflow_ray.align.raft import run_raft
+    from lmflow_ray.inference.engine import SamplingParams, make_engine
 
     out = tmp_path / "raft_lora"
     cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
                       [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
                        "raft.iterations=2", "raft.prompts_per_iteration=8", "train.num_epochs=1",
-                       "lora.enabled=true", "lora.r=4", "raft.overlap=true",
+                       "lora.enabled=true", "lora.r=4", "lora.alpha=32", "raft.overlap=true",
                        "generation.actors=2", "generation.placement_strategy=PACK"])
     rows = run_raft(cfg)
-    assert [r["iteration"] for r in rows] == [1, 2] and all("sync_s" in r for r in rows)
-    assert [r["stale_samples"] for r in rows] == [False, True]
-    first, second = out / "iterations" / "001", out / "iterations" / "002"
-    assert (first / "train" / "model" / "adapter_config.json").is_file()  # LoRA trained ...
-    assert not (out / "model" / "adapter_config.json").exists() and (out / "model" / "config.json").is_file()
-    run2 = json.loads((second / "train" / "run.json").read_text())
-    assert run2["resolved_model"] == str(first / "merged")  # ... merged, and the next iteration starts there
+    assert [r["iteration"] for r in rows] == [1, 2] and [r["stale_samples"] for r in rows] == [False, True]
+    model_bytes = sum(f.stat().st_size for f in (out / "model").glob("*.safetensors"))
+    assert all(r["sync_transport"] == "ray-object-store/adapter" for r in rows)
+    assert all(0 < r["sync_bytes"] < model_bytes / 20 for r in rows), [r["sync_bytes"] for r in rows]
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model" / "config.json").is_file()
+    assert not (out / "model" / "adapter_config.json").exists() and not (out / "iterations").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
+
+    state = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    weights = {"id": "final", "refs": [ray.put(state)], "adapter": True,
+               "lora": {"r": 4, "alpha": 32, "target_modules": cfg.lora.target_modules}}
+    actor = GenerationActor.options(num_cpus=1).remote("hf", str(tiny_llama), None, 1, 4)
+    synced = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, weights))
+    ray.kill(actor)
+    merged = make_engine("hf", out / "model").chat(PROMPTS, SamplingParams(**GREEDY))
+    base = make_engine("hf", tiny_llama).chat(PROMPTS, SamplingParams(**GREEDY))
+    assert [s["responses"][0] for s in synced] == [g[0].text for g in merged]
+    assert [g[0].text for g in merged] != [g[0].text for g in base]  # the adapter changed the answers
 
 
 def test_unplaceable_generation_actors_are_one_clear_error(ray_session, repo, tmp_path, tiny_llama):

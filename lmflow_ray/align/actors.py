@@ -1,16 +1,18 @@
 """The actors of the alignment graphs; each one's public methods are its whole protocol.
 
-- `GenerationActor`: one engine (vLLM, or HF as fallback) sampling K responses per prompt,
-  with per-token log-probs. `sync(model_dir)` puts new policy weights into the running
-  engine without restarting it (HF: load_state_dict; vLLM: `reload_weights` through
-  collective_rpc, the tied output head re-packed on CPU, then the prefix cache reset: its KV
-  blocks belong to the old weights).
+- `GenerationActor`: one engine (vLLM, or HF) sampling K responses per prompt, with per-token
+  log-probs. `sync(weights)` puts new policy weights into the running engine without
+  restarting it: weights sent through Ray's object store by the trainer group (HF:
+  load_state_dict; vLLM: a node-local scratch copy written by this actor and `reload_weights`
+  through collective_rpc, the tied output head re-packed on CPU, the prefix cache reset: its
+  KV blocks belong to the old weights), only a LoRA adapter (HF: peft state swap; vLLM: a new
+  LoRA request), or a model directory.
   Every `generate` names the weights it must use, so an actor restarted by Ray after a
-  crash (`max_restarts`) reloads them before answering the retried call.
+  crash (`max_restarts`) loads them before answering the retried call.
 - `RewardActor`: a `RewardScorer` (reward model or Python function), batched scoring.
-- `ReferenceActor`: per-token log-probs of sampled responses under the frozen starting policy
-  (KL), or under the current policy (PPO's old log-probs; synced like the generators).
-- `CriticActor`: PPO's value model, V at every response token; synced after each update.
+- `ReferenceActor`: per-token log-probs of sampled responses under the frozen starting policy (KL).
+
+The policy's own log-probs and the critic's values come from the trainer group (trainer.py).
 """
 
 from __future__ import annotations
@@ -30,27 +32,53 @@ def _model_files(model_dir: str) -> dict:
     return state
 
 
+def weights_id(weights) -> str:
+    """What names a set of policy weights: a model directory, or the id of weights sent through Ray."""
+    return weights if isinstance(weights, str) else weights["id"]
+
+
+def _unshare(state: dict) -> dict:
+    """Tensors that share storage (a tied head and its embeddings) as separate ones: safetensors refuses aliases."""
+    seen, out = set(), {}
+    for name, t in state.items():
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    return out
+
+
 @ray.remote
 class GenerationActor:
-    def __init__(self, engine: str, model_dir: str, template: str | None = None, threads: int | None = None):
+    def __init__(self, engine: str, model_dir: str, template: str | None = None, threads: int | None = None,
+                 lora_rank: int | None = None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import tempfile
+
         from lmflow_ray.inference.engine import make_engine
 
-        self.kind, self.weights = engine, model_dir
-        self.engine = make_engine(engine, model_dir, template=template)
+        self.kind, self.weights, self.base = engine, model_dir, model_dir
+        # vLLM takes LoRA adapters only when built for them (a policy trained with LoRA syncs adapters).
+        kw = {"enable_lora": True, "max_lora_rank": max(8, lora_rank)} if lora_rank and engine == "vllm" else {}
+        self.engine = make_engine(engine, model_dir, template=template, **kw)
+        # Node-local scratch for weights that arrive through Ray but must be read from files (vLLM on CPU).
+        self.scratch = tempfile.mkdtemp(prefix="lmflow-sync-")
+        self.loras = 0
 
-    def generate(self, prompts: list, k: int, params: dict, weights: str) -> list[dict]:
-        """K samples per prompt: {"prompt_text", "prompt_ids", "responses", "response_ids", "logps", "tokens"}.
+    def generate(self, prompts: list, k: int, params: dict, weights) -> list[dict]:
+        """K samples per prompt: {"prompt_text", "prompt_ids", "responses", "response_ids", "logps", "tokens",
+        "finished"}.
 
-        `logps` are each response's summed token log-probs under the sampling policy (raw distribution).
+        `logps` are each response's summed token log-probs under the sampling policy (raw distribution);
+        `finished` whether it ended with an end-of-sequence token (else it hit max_tokens). `weights`
+        names the weights to use (a model dir or weights sent through Ray): a restarted actor loads them.
         """
         from lmflow_ray.inference.engine import SamplingParams
 
-        if weights != self.weights:
+        if weights_id(weights) != self.weights:
             self.sync(weights)
         texts = [self.engine.chat_prompt(p) if isinstance(p, list) else p for p in prompts]
         chat = isinstance(prompts[0], list)
@@ -61,11 +89,77 @@ class GenerationActor:
                         "prompt_ids": self.engine.tokenizer(text, add_special_tokens=not chat)["input_ids"],
                         "response_ids": [list(c.token_ids) for c in group],
                         "logps": [float(sum(c.logprobs or [])) for c in group],
-                        "tokens": [len(c.token_ids) for c in group]})
+                        "tokens": [len(c.token_ids) for c in group],
+                        "finished": [c.finish_reason == "stop" for c in group]})
         return out
 
-    def sync(self, model_dir: str) -> str:
-        """Load the policy's new weights into the running engine; returns the weights now in use."""
+    def sync(self, weights) -> str:
+        """Load new policy weights into the running engine; returns the id of the weights now in use.
+
+        `weights` is a model directory, or {"id", "refs", "adapter", "lora"} from a trainer group:
+        full weights (or, with "adapter", only the LoRA adapter) in buckets in Ray's object store.
+        """
+        if isinstance(weights, str):
+            self._sync_dir(weights)
+        else:
+            state = {}
+            for bucket in ray.get(list(weights["refs"])):
+                state.update(bucket)
+            if weights.get("adapter"):
+                self._sync_adapter(state, weights["lora"], weights["id"])
+            elif self.kind == "vllm":
+                import shutil
+
+                from safetensors.torch import save_file
+
+                folder = os.path.join(self.scratch, "weights")
+                shutil.rmtree(folder, ignore_errors=True)
+                os.makedirs(folder)
+                save_file(_unshare(state), os.path.join(folder, "model.safetensors"))
+                self._sync_dir(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                self._load_state(state, weights["id"])
+        self.weights = weights_id(weights)
+        return self.weights
+
+    def _load_state(self, state: dict, source: str) -> None:
+        missing, unexpected = self.engine.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.engine.model.config, "tie_word_embeddings", False) else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"sync from {source}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+    def _sync_adapter(self, state: dict, lora: dict, wid: str) -> None:
+        """A LoRA adapter of the base policy: vLLM serves it as a new LoRA request, HF swaps it into peft."""
+        from peft import LoraConfig
+
+        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"],
+                            lora_dropout=0.0, base_model_name_or_path=self.base)
+        if self.kind == "vllm":
+            import shutil
+
+            from safetensors.torch import save_file
+            from vllm.lora.request import LoRARequest
+
+            self.loras += 1
+            folder = os.path.join(self.scratch, f"adapter{self.loras}")
+            config.save_pretrained(folder)
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "adapter_model.safetensors"))
+            old = self.engine.lora_request
+            self.engine.lora_request = LoRARequest(f"policy{self.loras}", self.loras, folder)
+            if old is not None:
+                self.engine.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            return
+        from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+        if not isinstance(self.engine.model, PeftModel):
+            self.engine.model = get_peft_model(self.engine.model, config).eval()
+        result = set_peft_model_state_dict(self.engine.model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"adapter sync {wid}: unexpected keys {result.unexpected_keys[:3]}")
+
+    def _sync_dir(self, model_dir: str) -> None:
         if self.kind == "vllm":
             self.engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir})
             # vLLM-CPU computes each linear through a oneDNN handle packed from its weight once loaded
@@ -86,13 +180,7 @@ class GenerationActor:
             # Cached prompt KV blocks were computed with the old weights: drop them, or answers mix both.
             self.engine.llm.reset_prefix_cache()
         else:
-            state = _model_files(model_dir)
-            missing, unexpected = self.engine.model.load_state_dict(state, strict=False)
-            tied = {"lm_head.weight"} if getattr(self.engine.model.config, "tie_word_embeddings", False) else set()
-            if unexpected or set(missing) - tied:
-                raise RuntimeError(f"sync from {model_dir}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.weights = model_dir
-        return model_dir
+            self._load_state(_model_files(model_dir), model_dir)
 
 
 @ray.remote
@@ -130,35 +218,19 @@ def _per_response_token(model_fn, pad_id: int, prompt_ids: list[list[int]], resp
     return out
 
 
-class _Scorer:
-    """A model held by an actor that scores sampled responses; `sync` swaps its weights in place."""
+@ray.remote
+class ReferenceActor:
+    """Per-token log-probs of sampled responses under the frozen starting policy (the KL reference)."""
 
-    def __init__(self, model_dir: str, threads: int | None):
+    def __init__(self, model_dir: str, threads: int | None = None):
+        from lmflow_ray.models.loading import load_causal_lm
+
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        self.model = self._load(model_dir).eval()
+        self.model = load_causal_lm(model_dir).eval()
         self.pad_id = self.model.config.pad_token_id or 0
-        self.weights = model_dir
-
-    def sync(self, model_dir: str) -> str:
-        if model_dir != self.weights:
-            self.model.load_state_dict(self._load(model_dir).state_dict())
-            self.weights = model_dir
-        return model_dir
-
-
-@ray.remote
-class ReferenceActor(_Scorer):
-    """Per-token log-probs of sampled responses under a policy: frozen (the reference), or synced
-    each iteration (PPO's log-probs of the sampling policy, computed like the trainer computes them)."""
-
-    @staticmethod
-    def _load(model_dir):
-        from lmflow_ray.models.loading import load_causal_lm
-
-        return load_causal_lm(model_dir)
 
     def token_logps(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """log p(token | prefix) of every response token.
@@ -170,26 +242,5 @@ class ReferenceActor(_Scorer):
         def fn(ids, mask):
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-
-        return _per_response_token(fn, self.pad_id, prompt_ids, response_ids)
-
-    def logps(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[float]:
-        """Sum of log p(response tokens | prompt), one per response."""
-        return [sum(x) for x in self.token_logps(prompt_ids, response_ids)]
-
-
-@ray.remote
-class CriticActor(_Scorer):
-    """PPO's value model (a one-label token-classification head): V at every response token."""
-
-    @staticmethod
-    def _load(model_dir):
-        from lmflow_ray.models.loading import load_value_model
-
-        return load_value_model(model_dir)
-
-    def values(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
-        def fn(ids, mask):
-            return self.model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)[:, :-1]
 
         return _per_response_token(fn, self.pad_id, prompt_ids, response_ids)

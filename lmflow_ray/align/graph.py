@@ -1,39 +1,42 @@
 """The actor graph RAFT and PPO share, and the controller's bookkeeping.
 
-`Graph` starts the actors from the config's resources: `generation.actors` GenerationActors
-(vLLM or HF), a RewardActor, a ReferenceActor (frozen start policy) and, when asked, a
-second ReferenceActor that follows the policy (PPO's sampling log-probs) and (`add_critic`) a
-CriticActor.
+`Graph` starts, once per run: `generation.actors` GenerationActors (vLLM or HF), a
+RewardActor, a ReferenceActor (frozen start policy) and the policy's trainer group
+(trainer.py: one DeepSpeed engine per data-parallel rank, alive for the whole run; PPO adds
+its critic's own group).
 Placement: each generation actor asks for `cpus_per_actor` / `gpus_per_actor` (with
 `generation.placement_strategy`, as bundles of one placement group: PACK them on few nodes,
-SPREAD them across nodes); the scorers take half a CPU each, so the whole graph fits a 2-core
-laptop; Ray places them on a cluster.
+SPREAD them across nodes); the reward and reference actors take `reward_actor` /
+`reference_actor` resources (half a CPU each by default, so the whole graph fits a 2-core
+laptop); each trainer rank takes `scaling.cpus_per_worker` (and a GPU with
+`scaling.use_gpu`); Ray places them on a cluster.
 
 Per iteration the controller calls `prompts(it)` (the next slice of a shuffled Ray Dataset
 of the prompt file, cycling), `rollout(batch, k, seed)` (the batch split across the
-generation actors), `score(...)`, then trains with `update(...)` (the finetuning loop of
-`lmflow-ray finetune`, as a Ray Train + DeepSpeed run in OUT/iterations/NNN/) and `sync`s
-the new weights into every running actor. With `lora.enabled` each iteration trains a fresh
-adapter on the current policy and merges it (OUT/iterations/NNN/merged): the engines keep
-taking full weights, and the next iteration starts from the merged policy.
+generation actors), `score(...)`, then `update(rows)`: the trainer group fits the rows
+(optimizer state and LR schedule carried over) and its rank 0 sends the new weights through
+Ray's object store to every generation actor (only the adapter for LoRA policies). Nothing is
+written under OUT between iterations but metrics.jsonl; OUT/model (LoRA: merged once, at the
+end) when the run finishes.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
+from lmflow_ray.align.actors import weights_id
 from lmflow_ray.errors import UserError
 
 
 class Graph:
-    def __init__(self, cfg, out: Path, policy_scorer: bool = False):
+    def __init__(self, cfg, out: Path, policy_task: str, total_steps: int, settings: dict | None = None):
         import ray
         import ray.data
 
         from lmflow_ray.align.actors import GenerationActor, ReferenceActor, RewardActor
+        from lmflow_ray.align.trainer import TrainerGroup, trainer_setup
         from lmflow_ray.eval.reward import RewardScorer
         from lmflow_ray.eval.run import read_prompts
         from lmflow_ray.models.zoo import resolve_model
@@ -47,56 +50,71 @@ class Graph:
         if empty is not None:
             raise UserError(f"{cfg.data.path}: instance {empty} has an empty prompt; remove it or give it text")
         self.cfg, self.out = cfg, out
-        self.base = self.weights = str(resolve_model(cfg.model))
+        self.base = str(resolve_model(cfg.model))
+        if (Path(self.base) / "adapter_config.json").is_file():
+            raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or "
+                            "start from its base with lora.enabled")
         if cfg.generation.engine == "vllm":
             from lmflow_ray.inference.vllm_engine import check_vllm_model
 
             check_vllm_model(self.base, on_gpu=cfg.generation.gpus_per_actor > 0)
+        policy_cfg, policy_plan = trainer_setup(cfg, self.base, total_steps, settings)
         out.mkdir(parents=True, exist_ok=True)  # an existing empty dir is fine, as for finetune
         init_ray()
-        g = cfg.generation
-        seed = getattr(cfg, "raft", None) or cfg.ppo
-        # The prompts as a Ray Dataset, shuffled once; each iteration takes the next slice, cycling.
-        pool = ray.data.from_items([{"i": i} for i in range(len(self.all_prompts))]).random_shuffle(seed=seed.seed)
-        self.order = [row["i"] for row in pool.iter_rows()]
-        threads = max(1, int(g.cpus_per_actor))
-        self.pg = _placement_group(g)
-        self.gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor,
-                                             max_restarts=g.max_restarts, max_task_retries=g.max_restarts,
-                                             **_bundle(self.pg, i))
-                     .remote(g.engine, self.base, cfg.data.template, threads) for i in range(g.actors)]
-        self.reward = RewardActor.options(num_cpus=0.5).remote(cfg.reward)
-        self.ref = ReferenceActor.options(num_cpus=0.5).remote(self.base, 1)
-        self.policy = ReferenceActor.options(num_cpus=0.5).remote(self.base, 1) if policy_scorer else None
-        self.critic = None
-        self.params = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p}
+        self.gens, self.reward, self.ref, self.pg, self.trainers = [], None, None, None, {}
         self.log = open(out / "metrics.jsonl", "a")
+        try:
+            g = cfg.generation
+            seed = getattr(cfg, "raft", None) or cfg.ppo
+            # The prompts as a Ray Dataset, shuffled once; each iteration takes the next slice, cycling.
+            pool = ray.data.from_items([{"i": i} for i in range(len(self.all_prompts))]).random_shuffle(seed=seed.seed)
+            self.order = [row["i"] for row in pool.iter_rows()]
+            threads = max(1, int(g.cpus_per_actor))
+            lora_rank = cfg.lora.r if cfg.lora.enabled else None
+            self.pg = _placement_group(g)
+            self.gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor,
+                                                 max_restarts=g.max_restarts, max_task_retries=g.max_restarts,
+                                                 **_bundle(self.pg, i))
+                         .remote(g.engine, self.base, cfg.data.template, threads, lora_rank) for i in range(g.actors)]
+            ra, fa = cfg.reward_actor, cfg.reference_actor
+            self.reward = RewardActor.options(num_cpus=ra.num_cpus, num_gpus=ra.num_gpus).remote(cfg.reward)
+            self.ref = ReferenceActor.options(num_cpus=fa.num_cpus, num_gpus=fa.num_gpus).remote(self.base, 1)
+            s = cfg.scaling
+            self.trainers["policy"] = TrainerGroup("policy", policy_task, policy_cfg, policy_plan, s.num_workers,
+                                                   s.cpus_per_worker, s.use_gpu, g.placement_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.policy = self.trainers["policy"]
+        self.weights = self.base  # what the generation actors hold: a dir, or weights sent through Ray
+        self.params = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p}
         self.rows: list[dict] = []
         self.started = time.time()
+        self.lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)} \
+            if cfg.lora.enabled else None
+
+    def add_trainer(self, name: str, task: str, config: dict, plan: dict) -> None:
+        from lmflow_ray.align.trainer import TrainerGroup
+
+        s = self.cfg.scaling
+        self.trainers[name] = TrainerGroup(name, task, config, plan, s.num_workers, s.cpus_per_worker, s.use_gpu,
+                                           self.cfg.generation.placement_timeout_s)
 
     def close(self) -> None:
-        """Release the actors and the placement group (also after a failed iteration); idempotent."""
+        """Release the actors, trainer groups and placement group (also after a failed iteration); idempotent."""
         import ray
 
         if not self.log.closed:
             self.log.close()
-        for actor in [*self.gens, self.reward, self.ref, self.policy, self.critic]:
+        for actor in [*self.gens, self.reward, self.ref]:
             if actor is not None:
                 ray.kill(actor)
-        self.gens, self.reward, self.ref, self.policy, self.critic = [], None, None, None, None
+        for trainer in self.trainers.values():
+            trainer.close()
+        self.gens, self.reward, self.ref, self.trainers = [], None, None, {}
         if self.pg is not None:
             ray.util.remove_placement_group(self.pg)
             self.pg = None
-
-    def add_critic(self, model_dir: str) -> None:
-        from lmflow_ray.align.actors import CriticActor
-
-        self.critic = CriticActor.options(num_cpus=0.5).remote(model_dir, 1)
-
-    def sync_critic(self, model_dir: str) -> None:
-        import ray
-
-        ray.get(self.critic.sync.remote(model_dir))
 
     def out_of_time(self, budget_s: float | None) -> bool:
         return budget_s is not None and time.time() - self.started >= budget_s
@@ -110,7 +128,7 @@ class Graph:
         shards = [batch[a::len(self.gens)] for a in range(len(self.gens))]
         refs = [gen.generate.remote(s, k, {**self.params, "seed": seed}, self.weights)
                 for gen, s in zip(self.gens, shards) if s]
-        return {"batch": batch, "refs": refs, "weights": self.weights, "t0": time.time()}
+        return {"batch": batch, "refs": refs, "weights": weights_id(self.weights), "t0": time.time()}
 
     def collect(self, pending: dict) -> dict:
         """The samples, prompt-major and flat: prompts, prompt/response ids, texts, logps, tokens, gen_s."""
@@ -128,55 +146,60 @@ class Graph:
                 "response_ids": [x for s in samples for x in s["response_ids"]],
                 "responses": [x for s in samples for x in s["responses"]],
                 "logps": [x for s in samples for x in s["logps"]],
+                "finished": [x for s in samples for x in s["finished"]],
                 "tokens": sum(t for s in samples for t in s["tokens"]),
                 "gen_s": time.time() - t0, "gen_wall_s": time.time() - pending["t0"], "weights": pending["weights"]}
 
     def rollout(self, batch: list, k: int, seed: int) -> dict:
         return self.collect(self.submit(batch, k, seed))
 
-    def score(self, roll: dict, values: bool = False) -> dict:
-        """Rewards, reference token log-probs, and (PPO) the policy's token log-probs and the critic's values."""
+    def score(self, roll: dict, policy_logps: bool = False) -> dict:
+        """Rewards and reference token log-probs (actors); with `policy_logps` the current policy's token
+        log-probs and, when there is a critic, its values (the trainer groups), all computed at once."""
         import ray
 
         t0 = time.time()
         ids = (roll["prompt_ids"], roll["response_ids"])
         calls = {"scores": self.reward.score.remote(roll["prompts"], roll["responses"]),
                  "ref": self.ref.token_logps.remote(*ids)}
-        if self.policy is not None:
-            calls["old"] = self.policy.token_logps.remote(*ids)
-        if values and self.critic is not None:
-            calls["values"] = self.critic.values.remote(*ids)
-        got = dict(zip(calls, ray.get(list(calls.values()))))
+        got = {}
+        if policy_logps:
+            got["old"] = self.policy.logps(*ids)
+        if "critic" in self.trainers:
+            got["values"] = self.trainers["critic"].values(*ids)
+        got.update(zip(calls, ray.get(list(calls.values()))))
         got["score_s"] = time.time() - t0
         return got
 
-    def update(self, it: int, config_cls, data_path: Path, extra: dict | None = None) -> dict:
-        """Train the policy on this iteration's data (a Ray Train run), then sync every actor. Timings."""
+    def update(self, rows: list[dict], epochs: int, seed: int, settings: dict | None = None) -> dict:
+        """Fit every trainer group on the rows (at once), then send the policy's weights to the generation
+        actors through Ray. Timings, sync bytes and the update's mean metrics (critic ones prefixed)."""
         import ray
 
-        from lmflow_ray.config import load_config
-        from lmflow_ray.models.peft_utils import merge_lora
-        from lmflow_ray.train.run import run_finetune
+        t0 = time.time()
+        fits = {name: tr.fit_async(rows, epochs, seed, settings) for name, tr in self.trainers.items()}
+        results = {name: ray.get(refs)[0] for name, refs in fits.items()}
+        for name, res in results.items():
+            self.trainers[name].step = res["optimizer_step"]
+        row = dict(results.pop("policy"))
+        for name, res in results.items():
+            row.update({k: v for k, v in res.items() if k in ("vf_loss",)} | {f"{name}_lr": res["lr"]})
+        row["train_s"] = time.time() - t0
+        row.update(self.sync())
+        return row
 
-        cfg = self.cfg
-        it_dir = data_path.parent
+    def sync(self) -> dict:
+        """The policy's weights (its adapter, for LoRA) from trainer rank 0 into every generation actor."""
+        import ray
+
         t0 = time.time()
-        ft = load_config(config_cls, None, [], base={
-            "model": self.weights, "data": {"path": str(data_path), "max_length": cfg.data.max_length,
-                                            "template": cfg.data.template},
-            "output_dir": str(it_dir / "train"), "seed": cfg.seed + it, "deepspeed": cfg.deepspeed,
-            "train": cfg.train.model_dump(), "lora": cfg.lora.model_dump(), "scaling": cfg.scaling.model_dump(),
-            **(extra or {})})
-        run_finetune(ft)
-        weights = it_dir / "train" / "model"
-        if cfg.lora.enabled:
-            weights = merge_lora(self.weights, str(weights), str(it_dir / "merged"))
-        timings = {"train_s": time.time() - t0}
-        self.weights = str(weights)
-        t0 = time.time()
-        ray.get([a.sync.remote(self.weights) for a in [*self.gens, *([self.policy] if self.policy else [])]])
-        timings["sync_s"] = time.time() - t0
-        return timings
+        sent = self.policy.weights(adapter_only=self.lora is not None)
+        step = self.policy.step
+        self.weights = {"id": f"policy-step-{step}", "refs": sent["refs"], "adapter": self.lora is not None,
+                        "lora": self.lora}
+        ray.get([a.sync.remote(self.weights) for a in self.gens])
+        return {"sync_s": time.time() - t0, "sync_gather_s": sent["seconds"], "sync_bytes": sent["bytes"],
+                "sync_transport": "ray-object-store" + ("/adapter" if self.lora else "")}
 
     def record(self, row: dict, line: str) -> None:
         row["elapsed_s"] = time.time() - self.started
@@ -186,10 +209,20 @@ class Graph:
         print(line, flush=True)
 
     def finish(self, job: str, curves: dict[str, str]) -> list[dict]:
-        """OUT/model (the last policy), reward.png, run.json; the actors are released."""
-        self.close()
-        if self.weights != self.base:
-            shutil.copytree(self.weights, self.out / "model")
+        """OUT/model (the last policy; LoRA: its adapter in OUT/adapter, merged into OUT/model), reward.png,
+        run.json; the actors and trainers are released."""
+        try:
+            if self.lora is not None:
+                from lmflow_ray.models.peft_utils import merge_lora
+
+                self.policy.save(str(self.out / "adapter"))
+                merge_lora(self.base, str(self.out / "adapter"), str(self.out / "model"))
+            else:
+                self.policy.save(str(self.out / "model"))
+            if "critic" in self.trainers:
+                self.trainers["critic"].save(str(self.out / "critic"))
+        finally:
+            self.close()
         plot(self.rows, curves, self.out / "reward.png")
         (self.out / "run.json").write_text(json.dumps({
             "job": job, "config": self.cfg.model_dump(mode="json"), "iterations": self.rows,

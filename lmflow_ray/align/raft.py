@@ -5,11 +5,12 @@ Each iteration:
    `GenerationActor`s, which sample K responses per prompt with the current policy;
 2. the `RewardActor` scores them; the `ReferenceActor` gives the starting policy's
    log-probs of the same responses (KL estimate: mean of log pi - log ref over samples);
-3. the best `keep_top` responses per prompt (at least `min_reward`) become an SFT dataset;
-4. the policy is finetuned on it by the Ray Train + DeepSpeed loop of `lmflow-ray finetune`
-   (OUT/iterations/NNN/), starting from the previous iteration's weights (with `lora.enabled`,
-   a fresh adapter per iteration, merged after training: see graph.py);
-5. the new weights are synced into the running generation engines (no restart).
+3. the best `keep_top` responses per prompt (at least `min_reward`) become SFT rows: the
+   exact prompt and response tokens sampled, only the response learned;
+4. the policy's trainer group (alive for the whole run: optimizer state and LR schedule carry
+   over) trains `train.num_epochs` passes over them;
+5. the new weights (a LoRA policy: the adapter) go from trainer rank 0 through Ray's object
+   store into the running generation engines (no restart, no files under OUT).
 
 With `raft.overlap`, the next iteration's sampling runs on the generation actors while this
 iteration trains, on the weights from before the update (one update stale: `stale_samples`
@@ -18,43 +19,47 @@ in metrics.jsonl); the sync is queued behind it. Off by default.
 The actors and the loop's bookkeeping are shared with PPO (graph.py).
 
 metrics.jsonl gets one row per iteration: iteration, reward_mean, reward_max,
-reward_kept_mean, kl, kept, gen_s / score_s / train_s / sync_s, gen_tokens_per_s.
-OUT/model/ is the last iteration's policy; reward.png plots the reward curve.
+reward_kept_mean, kl, kept, loss, lr, rows_unused, gen_s / score_s / train_s / sync_s,
+sync_bytes, gen_tokens_per_s. OUT/model/ is the last policy; reward.png plots the reward curve.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-from lmflow_ray.config import FinetuneConfig, RaftConfig, load_config
+from lmflow_ray.config import RaftConfig, load_config
 
 
-def keep_best(samples: list[dict], rewards: list[list[float]], top: int, min_reward: float | None) -> list[tuple]:
-    """(prompt index, response, reward) of the best `top` responses per prompt, at least `min_reward`."""
+def keep_best(rewards: list[list[float]], top: int, min_reward: float | None) -> list[tuple[int, int]]:
+    """(prompt index, sample index) of the best `top` responses per prompt, each scoring at least `min_reward`."""
     kept = []
-    for i, (s, r) in enumerate(zip(samples, rewards)):
+    for i, r in enumerate(rewards):
         order = sorted(range(len(r)), key=lambda j: -r[j])[:top]
-        kept += [(i, s["responses"][j], r[j]) for j in order if min_reward is None or r[j] >= min_reward]
+        kept += [(i, j) for j in order if min_reward is None or r[j] >= min_reward]
     return kept
 
 
-def _write_sft(path: Path, prompts: list, kept: list[tuple]) -> None:
-    if isinstance(prompts[0], list):
-        inst = [{"messages": [*prompts[i], {"role": "assistant", "content": resp}]} for i, resp, _ in kept]
-        path.write_text(json.dumps({"type": "conversation", "instances": inst}))
-    else:
-        inst = [{"input": prompts[i], "output": resp} for i, resp, _ in kept]
-        path.write_text(json.dumps({"type": "text2text", "instances": inst}))
+def sft_rows(roll: dict, flat: list[int], max_length: int) -> list[dict]:
+    """SFT rows of the sampled tokens: prompt (not learned) + response (learned), cut at max_length."""
+    rows = []
+    for n in flat:
+        p, r = roll["prompt_ids"][n], roll["response_ids"][n]
+        if r:
+            rows.append({"input_ids": (p + r)[:max_length], "labels": ([-100] * len(p) + r)[:max_length]})
+    return rows
 
 
 def run_raft(cfg: RaftConfig) -> list[dict]:
+    from lmflow_ray.align.actors import weights_id
     from lmflow_ray.align.graph import Graph
 
     r = cfg.raft
-    graph = Graph(cfg, Path(cfg.output_dir))
+    per_step = cfg.train.global_batch_size or cfg.train.micro_batch_size * cfg.scaling.num_workers
+    # The LR schedule spans the run: at most prompts x keep_top rows per iteration.
+    total = r.iterations * cfg.train.num_epochs * max(1, r.prompts_per_iteration * r.keep_top // per_step)
+    graph = Graph(cfg, Path(cfg.output_dir), "finetune", total)
     try:
         pending = graph.submit(graph.prompts(1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + 1)
         for it in range(1, r.iterations + 1):
@@ -63,31 +68,30 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
                 break
             if pending is None:
                 pending = graph.submit(graph.prompts(it, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it)
-            batch, stale = pending["batch"], pending["weights"] != graph.weights
+            batch, stale = pending["batch"], pending["weights"] != weights_id(graph.weights)
             roll, pending = graph.collect(pending), None
             got = graph.score(roll)
             scores, k = got["scores"], r.samples_per_prompt
-            samples = [{"responses": roll["responses"][i * k:(i + 1) * k]} for i in range(len(batch))]
-            kept = keep_best(samples, [scores[i * k:(i + 1) * k] for i in range(len(batch))], r.keep_top, r.min_reward)
+            kept = keep_best([scores[i * k:(i + 1) * k] for i in range(len(batch))], r.keep_top, r.min_reward)
             kl = sum(p - sum(q) for p, q in zip(roll["logps"], got["ref"])) / len(scores)
+            kept_rewards = [scores[i * k + j] for i, j in kept]
             row = {"iteration": it, "reward_mean": sum(scores) / len(scores), "reward_max": max(scores),
-                   "reward_kept_mean": sum(x[2] for x in kept) / len(kept) if kept else None, "kept": len(kept), "kl": kl,
+                   "reward_kept_mean": sum(kept_rewards) / len(kept) if kept else None, "kept": len(kept), "kl": kl,
                    "gen_s": roll["gen_s"], "score_s": got["score_s"],
                    "gen_tokens_per_s": roll["tokens"] / max(roll["gen_wall_s"], 1e-9), "stale_samples": stale}
             if r.overlap and it < r.iterations and not graph.out_of_time(r.time_budget_s):
                 # The next rollout runs on the generation actors while this update trains (one update behind).
                 pending = graph.submit(graph.prompts(it + 1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it + 1)
-            if kept:
-                it_dir = Path(cfg.output_dir) / "iterations" / f"{it:03d}"
-                it_dir.mkdir(parents=True)
-                _write_sft(it_dir / "kept.json", batch, kept)
-                row.update(graph.update(it, FinetuneConfig, it_dir / "kept.json"))
+            rows = sft_rows(roll, [i * k + j for i, j in kept], cfg.data.max_length)
+            if rows:
+                row.update(graph.update(rows, cfg.train.num_epochs, cfg.seed + it))
             graph.record(row, f"[lmflow-ray] raft iteration {it}/{r.iterations}: reward {row['reward_mean']:.4f} "
                               f"(kept {row['reward_kept_mean'] if kept else float('nan'):.4f}, {len(kept)} samples) "
-                              f"kl {kl:.3f} gen {row['gen_s']:.1f}s score {row['score_s']:.1f}s "
-                              f"train {row.get('train_s', 0):.1f}s")
+                              f"kl {kl:.3f} loss {row.get('loss', float('nan')):.4f} gen {row['gen_s']:.1f}s "
+                              f"score {row['score_s']:.1f}s train {row.get('train_s', 0):.1f}s "
+                              f"sync {row.get('sync_s', 0):.1f}s")
     except BaseException:
-        graph.close()  # actors and placement group go, whatever failed
+        graph.close()  # actors, trainers and placement group go, whatever failed
         raise
     return graph.finish("raft", {"reward_mean": "mean sample reward", "reward_kept_mean": "kept samples"})
 

@@ -81,16 +81,6 @@ def build_model(cfg, plan, head: str = "causal"):
     return model
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 class MetricsLog:
     """metrics.jsonl on rank 0: rows after the restored step are dropped on restart."""
 
@@ -183,7 +173,7 @@ def train_worker(args: dict) -> None:
 
     from lmflow_ray.config import config_class
     from lmflow_ray.models.peft_utils import lisa_select
-    from lmflow_ray.train.objectives import micro_batch_loss_scale
+    from lmflow_ray.train.step import optimizer_step
     from lmflow_ray.train.tasks import make_task
 
     plan = args["plan"]
@@ -239,20 +229,8 @@ def train_worker(args: dict) -> None:
             micro = [next(batches) for _ in range(gas)]
             if probe is None:
                 probe = micro[0]["input_ids"][:2, :64].clone()
-            local_units = sum(task.units(mb) for mb in micro)  # learned tokens, or pairs
-            local_seen = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
-            global_tokens, global_seen = _all_sum([local_units, local_seen])
-            scale = micro_batch_loss_scale(world, gas, int(global_tokens))
-            loss_sum, sums = 0.0, {}
-            for mb in micro:
-                loss, stats = task.loss(engine, mb)
-                engine.backward(loss * scale)
-                engine.step()
-                loss_sum += float(loss.detach())
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            keys = sorted(sums)
-            global_loss_sum, *global_stats = _all_sum([loss_sum, *(sums[k] for k in keys)])
+            result = optimizer_step(engine, task, micro, world)
+            global_tokens, global_seen = result.units, result.seen
             state["step"] += 1
             state["step_in_epoch"] += 1
             state["tokens"] += int(global_seen)
@@ -270,9 +248,9 @@ def train_worker(args: dict) -> None:
             elapsed = time.time() - t0
             grad_norm = engine.get_global_grad_norm()
             metrics = {
-                "step": state["step"], "epoch": state["epoch"], "loss": global_loss_sum / max(global_tokens, 1),
+                "step": state["step"], "epoch": state["epoch"], "loss": result.loss,
                 "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                **task.report(dict(zip(keys, global_stats)), max(global_tokens, 1)),
+                **task.report(result.stats, max(global_tokens, 1)),
                 "tokens_per_s": window_tokens / max(time.time() - window_start, 1e-9),
                 task.unit: int(global_tokens),
                 "tokens_seen": state["tokens"], "elapsed_s": elapsed,

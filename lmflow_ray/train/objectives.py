@@ -76,6 +76,10 @@ def sequence_logps(logits, labels):
     return picked.sum(-1), mask.sum(-1)
 
 
+LOG_RATIO_CLAMP = 20.0  # PPO's log(pi / pi_old) per token
+K3_CLAMP = 10.0  # k3's log(ref / pi) per token
+
+
 def ppo_policy_loss(logp, old_logp, adv, mask, clip: float):
     """Clipped surrogate (Schulman et al. 2017), summed over masked tokens; and the clipped-token count.
 
@@ -83,7 +87,9 @@ def ppo_policy_loss(logp, old_logp, adv, mask, clip: float):
     """
     import torch
 
-    ratio = torch.exp(logp - old_logp)
+    # Masked before exp (padding may hold anything), clamped as veRL does: exp(±20) stays finite.
+    log_ratio = (logp - old_logp).masked_fill(~mask.bool(), 0.0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
     unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
     loss = torch.maximum(unclipped, clipped)
     return (loss * mask).sum(), float(((clipped > unclipped) & mask).sum())
@@ -103,11 +109,13 @@ def ppo_value_loss(values, old_values, returns, mask, clip: float | None):
 def k3_kl(logp, ref_logp, mask):
     """Schulman's k3 estimate of KL(pi || ref), summed over masked tokens: exp(d) - d - 1 with d = ref - logp.
 
-    Non-negative and unbiased; GRPO's KL loss term.
+    Non-negative and unbiased; GRPO's KL loss term. The log-ratio is masked before exp (a padding
+    position's exp could be inf, and inf * 0 = NaN) and clamped to ±K3_CLAMP, as OpenRLHF and veRL do:
+    a token the policy gives log p -100 then costs a large but finite loss and gradient.
     """
     import torch
 
-    d = ref_logp - logp
+    d = (ref_logp - logp).masked_fill(~mask.bool(), 0.0).clamp(-K3_CLAMP, K3_CLAMP)
     return ((torch.exp(d) - d - 1.0) * mask).sum()
 
 

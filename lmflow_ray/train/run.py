@@ -109,13 +109,11 @@ def preflight(cfg: FinetuneConfig) -> dict:
             check_target_modules(skeleton, cfg.lora.target_modules)
         else:
             decoder_layers(skeleton)
-    summary = None
-    if task_of(cfg) != "ppo":  # PPO updates read the rollout file the controller just wrote
-        summary = validate(cfg.data.path, cfg.data.type)
-        from lmflow_ray.data.stats import check_first_row
+    summary = validate(cfg.data.path, cfg.data.type)
+    from lmflow_ray.data.stats import check_first_row
 
-        if summary.type in ("conversation", "text2text", "text_only"):
-            check_first_row(Path(summary.files[0].path), summary.type, str(model_path), cfg.data.template)
+    if summary.type in ("conversation", "text2text", "text_only"):
+        check_first_row(Path(summary.files[0].path), summary.type, str(model_path), cfg.data.template)
     return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
 
 
@@ -141,9 +139,9 @@ def plot_loss(metrics_path: Path, png: Path) -> None:
 
 
 def task_of(cfg: FinetuneConfig) -> str:
-    from lmflow_ray.config import DPOConfig, PPOTrainConfig, RewardModelConfig
+    from lmflow_ray.config import DPOConfig, RewardModelConfig
 
-    kinds = ((DPOConfig, "dpo"), (RewardModelConfig, "reward-model"), (PPOTrainConfig, "ppo"))
+    kinds = ((DPOConfig, "dpo"), (RewardModelConfig, "reward-model"))
     return next((name for cls, name in kinds if isinstance(cfg, cls)), "finetune")
 
 
@@ -212,13 +210,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     t, s = cfg.train, cfg.scaling
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
     ref_model_path = None
-    if task == "ppo":
-        import ray.data
-
-        # Shuffled: rollouts come prompt-major, and a dropped tail must not always be the same rows.
-        dataset, eval_dataset = ray.data.read_json(d.path).random_shuffle(seed=cfg.seed).materialize(), None
-        info = {"rows": dataset.count(), "eval_rows": 0, "type": "rollouts", "packing": False}
-    elif task == "finetune":
+    if task == "finetune":
         dataset, eval_dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
                                                           d.packing, cfg.seed, d.eval_split)
     else:
@@ -296,7 +288,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     run = {
         "job": task, "config": cfg.model_dump(mode="json"), "resolved_model": pre["model_path"],
         "data": {"type": info["type"], "rows": info["rows"],
-                 "instances": pre["data_summary"].instances if pre["data_summary"] else info["rows"],
+                 "instances": pre["data_summary"].instances,
                  "eval_rows": info["eval_rows"], "packing": info["packing"], "skipped_pairs": info.get("skipped")},
         "plan": {k: plan[k] for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
         "deepspeed": plan["ds_config"],

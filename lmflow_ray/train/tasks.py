@@ -64,7 +64,7 @@ class Task:
         """Held-out metrics over all workers: loss (and the task's metrics) per unit, prefixed eval_."""
         import torch
 
-        from lmflow_ray.train.loop import _all_sum
+        from lmflow_ray.train.step import all_sum
 
         engine.module.eval()
         loss, units, sums = 0.0, 0.0, {}
@@ -75,7 +75,7 @@ class Task:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
         keys = sorted(sums)
-        totals = _all_sum([loss, units, *(sums[k] for k in keys)])
+        totals = all_sum([loss, units, *(sums[k] for k in keys)])
         engine.module.train()
         loss, units = totals[0], max(totals[1], 1.0)
         out = {"eval_loss": loss / units, **{f"eval_{k}": v for k, v in self.report(dict(zip(keys, totals[2:])), units).items()}}
@@ -216,74 +216,15 @@ def collate_rollouts(batch: dict, pad_id: int) -> dict:
     return {**out, **cols}
 
 
-class PolicyWithCritic:
-    """Factory of a torch module holding the policy (causal LM) and, for `ppo`, the critic.
-
-    Its forward returns the policy's output with `value_preds` (the critic's per-token value) added;
-    `save_pretrained(dir)` saves the policy to dir and the critic to dir/../critic, so the loop's
-    save-and-verify step (which compares the policy's logits) works unchanged.
-    """
-
-    @staticmethod
-    def build(policy, critic):
-        import torch
-
-        class _Module(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.policy, self.critic = policy, critic
-                self.config = policy.config
-
-            def forward(self, input_ids, attention_mask=None, **kwargs):
-                out = self.policy(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-                if self.critic is not None:
-                    values = self.critic(input_ids=input_ids, attention_mask=attention_mask)
-                    out["value_preds"] = values.logits.squeeze(-1).float()
-                return out
-
-            def save_pretrained(self, model_dir, state_dict=None, **kwargs):
-                from pathlib import Path
-
-                state_dict = state_dict if state_dict is not None else self.state_dict()
-                for name, part in (("policy", self.policy), ("critic", self.critic)):
-                    if part is None:
-                        continue
-                    sub = {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(name + ".")}
-                    part.save_pretrained(model_dir if name == "policy" else Path(model_dir).parent / "critic",
-                                         state_dict=sub, **kwargs)
-
-        return _Module()
-
-
-class PPOTask(Task):
-    """Policy-gradient update on a rollout batch (align/ppo.py makes the rollouts).
+class PolicyGradientTask(Task):
+    """Policy-gradient update on a rollout batch of the PPO family (align/ppo.py makes the rollouts).
 
     Loss per response token: the clipped surrogate (objectives.ppo_policy_loss) on the advantages,
-    plus vf_coef x the clipped value loss for `ppo` (critic trained beside the policy, its own
-    learning rate), plus kl_coef x k3 KL to the reference for `grpo`. Normalised over the
-    response tokens of the global batch, like SFT. train.num_epochs = PPO epochs per rollout batch.
+    plus kl_coef x k3 KL to the reference for `grpo`; normalised over the response tokens of the
+    global batch, like SFT. `plan["ppo"]` holds the PPO settings (its kl_coef the current one).
     """
 
     unit = "response_tokens"
-
-    def build_model(self):
-        import torch
-
-        from lmflow_ray.models.loading import load_value_model
-        from lmflow_ray.train.loop import build_model
-
-        policy = build_model(self.cfg, self.plan)
-        critic = None
-        if self.cfg.critic:
-            critic = load_value_model(self.cfg.critic, torch.bfloat16 if self.plan["bf16"] else torch.float32)
-        return PolicyWithCritic.build(policy, critic)
-
-    def param_groups(self, model) -> list:
-        groups = [{"params": [p for p in model.policy.parameters() if p.requires_grad]}]
-        if model.critic is not None:
-            critic_lr = self.cfg.ppo.critic_lr or self.cfg.train.lr
-            groups.append({"params": list(model.critic.parameters()), "lr": critic_lr})
-        return groups
 
     def collate(self, batch, pad_id: int) -> dict:
         return collate_rollouts(batch, pad_id)
@@ -294,36 +235,65 @@ class PPOTask(Task):
     def loss(self, engine, mb):
         import torch
 
-        from lmflow_ray.train.objectives import k3_kl, ppo_policy_loss, ppo_value_loss
+        from lmflow_ray.train.objectives import k3_kl, ppo_policy_loss
 
-        p = self.cfg.ppo
+        p = self.plan["ppo"]
         dev = engine.device
         ids, mask = mb["input_ids"].to(dev), mb["mask"].to(dev)
         col = {c: mb[c].to(dev) for c in ROLLOUT_COLUMNS}
         out = engine(input_ids=ids, attention_mask=mb["attention_mask"].to(dev), use_cache=False)
         logprobs = out.logits[:, :-1].float().log_softmax(-1)
         logp = torch.gather(logprobs, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        loss, clipped = ppo_policy_loss(logp, col["old_logp"], col["adv"], mask, p.clip_range)
+        loss, clipped = ppo_policy_loss(logp, col["old_logp"], col["adv"], mask, p["clip_range"])
         stats = {"pg_loss": float(loss.detach()), "clipped": clipped}
         with torch.no_grad():
             stats["entropy"] = float((-(logprobs.exp() * logprobs).sum(-1) * mask).sum())
             stats["approx_kl"] = float((0.5 * (logp - col["old_logp"]) ** 2 * mask).sum())
             stats["kl_ref"] = float(((logp - col["ref_logp"]) * mask).sum())
-        if "value_preds" in out:
-            vf = ppo_value_loss(out["value_preds"][:, :-1], col["old_value"], col["ret"], mask, p.value_clip)
-            stats["vf_loss"] = float(vf.detach())
-            loss = loss + p.vf_coef * vf
-        if p.estimator == "grpo" and p.kl_coef:
+        if p["estimator"] == "grpo" and p["kl_coef"]:
             kl = k3_kl(logp, col["ref_logp"], mask)
             stats["kl_loss"] = float(kl.detach())
-            loss = loss + p.kl_coef * kl
+            loss = loss + p["kl_coef"] * kl
         return loss, stats
 
     def report(self, sums: dict, units: float) -> dict:
         return {k if k != "clipped" else "clipfrac": v / units for k, v in sums.items()}
 
 
-TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask, "ppo": PPOTask}
+class ValueTask(PolicyGradientTask):
+    """PPO's critic as its own trainer (own optimizer, learning rate and clipping): a one-label
+    token-classification model regressed on the GAE returns with the clipped value loss."""
+
+    def build_model(self):
+        import torch
+
+        from lmflow_ray.models.loading import load_value_model
+
+        model = load_value_model(self.plan["model_path"], torch.bfloat16 if self.plan["bf16"] else torch.float32)
+        if self.plan.get("critic_from_lm"):  # a new value head: every value starts at 0
+            torch.nn.init.zeros_(model.score.weight)
+            if getattr(model.score, "bias", None) is not None:
+                torch.nn.init.zeros_(model.score.bias)
+        model.config.pad_token_id = model.config.pad_token_id or self.plan["pad_id"]
+        return model
+
+    def loss(self, engine, mb):
+        from lmflow_ray.train.objectives import ppo_value_loss
+
+        p = self.plan["ppo"]
+        dev = engine.device
+        mask = mb["mask"].to(dev)
+        values = engine(input_ids=mb["input_ids"].to(dev), attention_mask=mb["attention_mask"].to(dev)).logits
+        vf = ppo_value_loss(values.squeeze(-1).float()[:, :-1], mb["old_value"].to(dev), mb["ret"].to(dev), mask,
+                            p["value_clip"])
+        return p["vf_coef"] * vf, {"vf_loss": float(vf.detach())}
+
+    def report(self, sums: dict, units: float) -> dict:
+        return {"vf_loss": sums.get("vf_loss", 0.0) / units}
+
+
+TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask, "policy-gradient": PolicyGradientTask,
+         "value": ValueTask}
 
 
 def make_task(name: str, cfg, plan) -> Task:

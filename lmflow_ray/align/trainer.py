@@ -1,0 +1,346 @@
+"""A trainer that lives for a whole RL run: one Ray actor per data-parallel rank, each a DeepSpeed engine.
+
+`TrainerGroup` places `scaling.num_workers` `TrainerActor`s (one placement-group bundle each),
+sets up torch.distributed between them (gloo on CPU, NCCL on GPU; MASTER_ADDR/PORT from rank
+0's node) and builds the model and DeepSpeed engine once. Its protocol:
+
+- `fit(rows, epochs)`: optimizer steps over a rollout batch (each rank takes its share of the
+  shuffled rows); AdamW moments, the LR schedule (spanning the whole run, warmup once) and the
+  step counter carry over from one call to the next. Rows that do not fill a last global batch
+  are counted (`rows_unused`), a different set each epoch.
+- `logps(prompt_ids, response_ids)` / `values(...)`: per-token log-probs of the policy, or the
+  critic's values, computed by the engine itself (the same function the loss uses).
+- `weights(adapter_only)`: rank 0's weights (gathered first under ZeRO-3) put into Ray's object
+  store in buckets of at most `bucket_mb`; the generation actors load them from there.
+- `save(dir)`: an HF directory (LoRA: the adapter) plus the tokenizer.
+
+The step itself is `train/step.py::optimizer_step`, the same function `lmflow-ray finetune` uses;
+the losses are the tasks of `train/tasks.py` (SFT for RAFT, the policy-gradient and value tasks
+for the PPO family).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import ray
+
+BUCKET_MB = 256
+
+
+@ray.remote
+class TrainerActor:
+    def __init__(self, rank: int, world: int, task: str, config: dict, plan: dict):
+        self.rank, self.world, self.task_name, self.config, self.plan = rank, world, task, config, plan
+
+    def address(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def setup(self, master: str, port: int) -> int:
+        """Join the process group and build the engine; returns the number of trainable parameters."""
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+
+        from lmflow_ray.config import FinetuneConfig
+        from lmflow_ray.train.loop import lr_lambda
+        from lmflow_ray.train.tasks import make_task
+
+        os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port), RANK=str(self.rank), WORLD_SIZE=str(self.world),
+                          LOCAL_RANK="0", TOKENIZERS_PARALLELISM="false")
+        gpu = torch.cuda.is_available() and self.plan["use_gpu"]
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{master}:{port}",
+                                    rank=self.rank, world_size=self.world)
+        threads = self.plan.get("threads")
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = FinetuneConfig.model_validate(self.config)
+        self.cfg = cfg
+        self.task = make_task(self.task_name, cfg, self.plan)
+        torch.manual_seed(cfg.seed)
+        model = self.task.build_model()
+        t, total = cfg.train, self.plan["total_steps"]
+        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=self.task.param_groups(model), config=self.plan["ds_config"],
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total)),
+            dist_init_required=False)
+        self.stage = self.plan["ds_config"]["zero_optimization"].get("stage", 0)
+        self.task.setup(self.engine)
+        self.step = 0
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, rows: list[dict], epochs: int, seed: int, settings: dict | None = None) -> dict:
+        """`epochs` passes over `rows` (the whole batch; this rank takes its share). Mean metrics per step.
+
+        `settings` update the task's per-iteration settings (e.g. PPO's adaptive kl_coef)."""
+        from lmflow_ray.train.step import optimizer_step
+
+        if settings:
+            self.plan["ppo"] = {**(self.plan.get("ppo") or {}), **settings}
+            self.task.plan = self.plan
+
+        t = self.cfg.train
+        gas = self.plan["accumulation"]
+        per_step = t.micro_batch_size * gas * self.world
+        steps = len(rows) // per_step
+        collate = self.task.collate
+        pad = self.plan["pad_id"]
+        totals: dict[str, float] = {}
+        t0, n = time.time(), 0
+        for epoch in range(epochs):
+            order = list(range(len(rows)))
+            random.Random(seed * 1000 + epoch).shuffle(order)  # the same order on every rank
+            mine = [rows[i] for i in order[: steps * per_step]][self.rank::self.world]
+            for s in range(steps):
+                self.engine.module.train()
+                chunk = mine[s * t.micro_batch_size * gas:(s + 1) * t.micro_batch_size * gas]
+                micro = [collate(_columns(chunk[m * t.micro_batch_size:(m + 1) * t.micro_batch_size]), pad)
+                         for m in range(gas)]
+                result = optimizer_step(self.engine, self.task, micro, self.world)
+                self.step += 1
+                n += 1
+                grad_norm = self.engine.get_global_grad_norm()
+                row = {"loss": result.loss, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                       **self.task.report(result.stats, max(result.units, 1))}
+                for k, v in row.items():
+                    totals[k] = totals.get(k, 0.0) + v
+        out = {k: v / n for k, v in totals.items()} if n else {}
+        out.update(steps=n, optimizer_step=self.step, lr=self.engine.get_lr()[0], fit_s=time.time() - t0,
+                   rows_unused=len(rows) - steps * per_step)
+        return out
+
+    # ------------------------------------------------------------------ scoring with the engine
+
+    def _per_token(self, fn, prompt_ids: list, response_ids: list, batch_size: int = 8) -> list[list[float]]:
+        """fn(ids, mask) -> (B, L - 1) on this rank's share; every rank runs the same number of forwards
+        (ZeRO-3 gathers parameters collectively), padding with a dummy row where its share ran out."""
+        import torch
+
+        mine = list(range(self.rank, len(prompt_ids), self.world))
+        per_rank = -(-len(prompt_ids) // self.world)
+        out: dict[int, list[float]] = {}
+        dev = self.engine.device
+        pad = self.plan["pad_id"]
+        self.engine.module.eval()
+        for s in range(0, max(per_rank, 1), batch_size):
+            idx = mine[s:s + batch_size]
+            rows = [prompt_ids[i] + response_ids[i] for i in idx] or [[pad, pad]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, r in enumerate(rows):
+                ids[j, :len(r)], mask[j, :len(r)] = torch.as_tensor(r), 1
+            with torch.no_grad():
+                grid = fn(ids.to(dev), mask.to(dev)).float().cpu()
+            for j, i in enumerate(idx):
+                p = len(prompt_ids[i])
+                out[i] = grid[j, p - 1:p + len(response_ids[i]) - 1].tolist()
+        return [out[i] for i in mine]
+
+    def logps(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
+        """log p(token | prefix) of every response token under the current policy (this rank's share)."""
+        import torch
+
+        def fn(ids, mask):
+            logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+        return self._per_token(fn, prompt_ids, response_ids)
+
+    def values(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
+        """The critic's value at every response token (this rank's share)."""
+        def fn(ids, mask):
+            return self.engine(input_ids=ids, attention_mask=mask).logits.squeeze(-1)[:, :-1]
+
+        return self._per_token(fn, prompt_ids, response_ids)
+
+    # ------------------------------------------------------------------ weights out
+
+    def _state_dict(self, adapter_only: bool) -> dict | None:
+        module = self.engine.module
+        if adapter_only:
+            from peft import get_peft_model_state_dict
+
+            if self.stage == 3:
+                import deepspeed
+
+                params = [p for n, p in module.named_parameters() if "lora_" in n]
+                with deepspeed.zero.GatheredParameters(params):
+                    state = get_peft_model_state_dict(module)
+                    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+            else:
+                state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(module).items()}
+        elif self.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = module.state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+    def weights(self, adapter_only: bool = False, bucket_mb: int = BUCKET_MB) -> dict | None:
+        """{"refs": [ObjectRef of {name: tensor}], "bytes", "seconds"} on rank 0 (None elsewhere)."""
+        t0 = time.time()
+        state = self._state_dict(adapter_only)
+        if state is None:
+            return None
+        buckets, current, size = [], {}, 0
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > bucket_mb * 2**20:
+                buckets.append(current)
+                current, size = {}, 0
+            current[name] = tensor
+            size += nbytes
+        if current:
+            buckets.append(current)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        return {"refs": [ray.put(b) for b in buckets], "bytes": total, "seconds": time.time() - t0}
+
+    def save(self, out_dir: str) -> str | None:
+        """OUT-style HF directory (the policy, the critic, or a LoRA adapter) written by rank 0."""
+        from transformers import AutoTokenizer
+
+        state = self._state_dict(adapter_only=False)
+        if self.rank != 0:
+            return None
+        self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.plan["tokenizer_path"]).save_pretrained(out_dir)
+        return out_dir
+
+
+def _columns(rows: list[dict]) -> dict:
+    """A list of row dicts as the column batch the tasks' collate functions take."""
+    keys = rows[0].keys()
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+class TrainerGroup:
+    """The driver's handle on one trainer: its actors, their placement group, and the calls on every rank."""
+
+    def __init__(self, name: str, task: str, config: dict, plan: dict, num_workers: int, cpus_per_worker: float,
+                 use_gpu: bool, placement_timeout_s: float = 120.0):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from lmflow_ray.errors import UserError
+
+        self.name = name
+        bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        self.pg = placement_group([bundle] * num_workers, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.pg)
+            raise UserError(f"the {name} trainer's {num_workers} worker(s) of {bundle} could not be placed within "
+                            f"{placement_timeout_s:.0f}s (cluster: {ray.cluster_resources()}); lower scaling.num_workers "
+                            "or scaling.cpus_per_worker") from None
+        plan = {**plan, "use_gpu": use_gpu, "threads": max(1, int(cpus_per_worker))}
+        self.actors: list = []
+        self.actors = [
+            TrainerActor.options(
+                num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                                     placement_group_bundle_index=i),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan["threads"])}},
+            ).remote(i, num_workers, task, config, plan)
+            for i in range(num_workers)]
+        master = ray.get(self.actors[0].address.remote())
+        port = ray.get(self.actors[0].__ray_call__.remote(lambda self: _free_port()))
+        try:
+            self.trainable = ray.get([a.setup.remote(master, port) for a in self.actors])[0]
+        except BaseException:
+            self.close()
+            raise
+        self.step = 0
+
+    def fit_async(self, rows: list[dict], epochs: int, seed: int, settings: dict | None = None) -> list:
+        """Start a fit on every rank (the rows go to the object store once); `ray.get(refs)[0]` is rank 0's result."""
+        ref = ray.put(rows)
+        return [a.fit.remote(ref, epochs, seed, settings) for a in self.actors]
+
+    def fit(self, rows: list[dict], epochs: int, seed: int, settings: dict | None = None) -> dict:
+        result = ray.get(self.fit_async(rows, epochs, seed, settings))[0]
+        self.step = result["optimizer_step"]
+        return result
+
+    def _gather(self, method: str, prompt_ids: list, response_ids: list) -> list[list[float]]:
+        p, r = ray.put(prompt_ids), ray.put(response_ids)
+        shares = ray.get([getattr(a, method).remote(p, r) for a in self.actors])
+        out: list = [None] * len(prompt_ids)
+        for rank, share in enumerate(shares):
+            for j, values in enumerate(share):
+                out[rank + j * len(self.actors)] = values
+        return out
+
+    def logps(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
+        return self._gather("logps", prompt_ids, response_ids)
+
+    def values(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
+        return self._gather("values", prompt_ids, response_ids)
+
+    def weights(self, adapter_only: bool = False) -> dict:
+        return ray.get([a.weights.remote(adapter_only) for a in self.actors])[0]
+
+    def save(self, out_dir: str) -> str:
+        return ray.get([a.save.remote(out_dir) for a in self.actors])[0]
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
+            self.pg = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None = None,
+                  **replace: dict) -> tuple[dict, dict]:
+    """(finetuning config, plan) of a trainer group for an RL job `cfg`, checked before any actor starts.
+
+    The trainer reuses the finetuning config's keys (`train`, `lora`, `scaling`, `deepspeed`); `replace`
+    swaps whole sections (the critic: its own learning rate and clipping, no LoRA).
+    """
+    from pydantic import ValidationError
+
+    from lmflow_ray.config import FinetuneConfig, format_validation_error
+    from lmflow_ray.errors import UserError
+    from lmflow_ray.models.loading import load_tokenizer
+    from lmflow_ray.train.run import fill_deepspeed, resolve_deepspeed
+
+    raw = {"model": model_path, "data": {"path": cfg.data.path, "max_length": cfg.data.max_length,
+                                         "template": cfg.data.template},
+           "output_dir": cfg.output_dir, "seed": cfg.seed, "train": cfg.train.model_dump(), "lora": cfg.lora.model_dump(),
+           "scaling": cfg.scaling.model_dump(), "deepspeed": cfg.deepspeed}
+    raw.update(replace)
+    try:
+        ft = FinetuneConfig.model_validate(raw)
+    except ValidationError as err:
+        raise format_validation_error(err, "config") from None
+    if ft.lora.qlora and not ft.scaling.use_gpu:
+        raise UserError("lora.qlora needs CUDA GPUs (bitsandbytes 4-bit); set scaling.use_gpu: true or lora.qlora: false")
+    if ft.lora.enabled:
+        from lmflow_ray.models.peft_utils import check_target_modules, empty_model
+
+        check_target_modules(empty_model(model_path), ft.lora.target_modules)
+    t, s = ft.train, ft.scaling
+    bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
+    plan = {"model_path": model_path, "tokenizer_path": model_path,
+            "ds_config": fill_deepspeed(resolve_deepspeed(ft.deepspeed), ft, bf16), "bf16": bf16,
+            "pad_id": load_tokenizer(model_path).pad_token_id, "total_steps": max(1, total_steps),
+            "accumulation": ft.gradient_accumulation_steps, "ppo": settings}
+    return ft.model_dump(mode="json"), plan

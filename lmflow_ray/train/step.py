@@ -1,0 +1,54 @@
+"""One optimizer step on a DeepSpeed engine: the piece every training loop shares.
+
+`lmflow-ray finetune`'s Ray Train worker (loop.py) and the RL trainer group (align/trainer.py)
+both call `optimizer_step` with the G micro-batches of one step. It counts the step's
+normalisation units (learned tokens, pairs, response tokens) over all data-parallel ranks,
+scales each micro-batch's loss sum so the optimised loss is the mean over the whole global
+batch (objectives.micro_batch_loss_scale), runs backward/step for each micro-batch (DeepSpeed
+accumulates and applies the optimizer, clipping and scheduler at the boundary), and returns
+the global loss and metric sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over the data-parallel ranks (the values themselves without torch.distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's units
+    units: float  # learned tokens / pairs / response tokens of the global batch
+    seen: float  # real (non-pad) tokens of the global batch
+    stats: dict[str, float] = field(default_factory=dict)  # metric sums over the global batch
+
+
+def optimizer_step(engine, task, micro: list[dict], world: int) -> StepResult:
+    """Forward/backward every micro-batch of one optimizer step; the optimizer steps at the last one."""
+    from lmflow_ray.train.objectives import micro_batch_loss_scale
+
+    local_units = sum(task.units(mb) for mb in micro)
+    local_seen = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
+    units, seen = all_sum([local_units, local_seen])
+    scale = micro_batch_loss_scale(world, len(micro), int(units))
+    loss_sum, sums = 0.0, {}
+    for mb in micro:
+        loss, stats = task.loss(engine, mb)
+        engine.backward(loss * scale)
+        engine.step()
+        loss_sum += float(loss.detach())
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+    keys = sorted(sums)
+    total_loss, *totals = all_sum([loss_sum, *(sums[k] for k in keys)])
+    return StepResult(loss=total_loss / max(units, 1), units=units, seen=seen, stats=dict(zip(keys, totals)))
