@@ -402,6 +402,10 @@ class AlignConfig(JobConfig):
     lora: LoraSettings = LoraSettings()
     scaling: ScalingSettings = ScalingSettings()
     deepspeed: str = "zero2"
+    # Checkpoint the whole run state every N iterations into OUT/checkpoints/ (0: never); the last one is kept.
+    save_iterations: AtLeast0 = 0
+    # Continue a run from its output dir's last checkpoint (the same output_dir; numbering and prompt order go on).
+    resume_from: str | None = None
 
 
 class RaftConfig(AlignConfig):

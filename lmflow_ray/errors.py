@@ -21,3 +21,10 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class RunInterrupted(UserError):
+    """A long run stopped by a failure outside the user's input (a trainer process died): one line naming
+    how to continue it, exit status 1."""
+
+    exit_code = 1

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -67,3 +68,78 @@ def test_ppo_cli_bad_config_exits_2(repo, tmp_path):
                        timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_run_killed_mid_way_resumes_with_continuous_numbering(repo, tmp_path, tiny_llama):
+    """SIGKILL the driver (and its local Ray) after iteration 2 of 4 was checkpointed; resume_from continues
+    at the next iteration with the same numbering, and the rows from before the kill are kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "resume"
+    args = [sys.executable, "-m", "lmflow_ray", "ppo", "--config", str(repo / "configs" / "ppo_tiny.yaml"),
+            "--set", f"output_dir={out}", "--set", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
+            "--set", "ppo.estimator=grpo", "--set", "ppo.iterations=4", "--set", "save_iterations=1"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    while not (out / "checkpoints" / "iter_002" / "run_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _rows(out)
+    assert len(before) >= 2
+    done = run_cli("ppo", "--config", str(repo / "configs" / "ppo_tiny.yaml"), "--set", f"output_dir={out}",
+                   "--set", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}", "--set", "ppo.estimator=grpo",
+                   "--set", "ppo.iterations=4", "--set", "save_iterations=1", "--set", f"resume_from={out}", timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    resumed_after = int(next(x for x in done.stdout.splitlines() if "resumed after iteration" in x).split()[4])
+    assert resumed_after in (2, 3)
+    assert rows[:resumed_after] == before[:resumed_after]  # the curve continues; nothing before is rewritten
+    steps = [r["optimizer_step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == 4  # optimizer state and step counter restored
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_dead_trainer_ends_the_run_naming_the_checkpoint(ray_session, repo, tmp_path, tiny_llama):
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    from lmflow_ray.align.ppo import run_ppo
+    from lmflow_ray.errors import RunInterrupted
+
+    out = tmp_path / "dies"
+    cfg = load_config(PPOConfig, repo / "configs" / "ppo_tiny.yaml",
+                      [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
+                       "ppo.estimator=grpo", "ppo.iterations=30", "save_iterations=1"])
+    flt = [("class_name", "=", "TrainerActor"), ("state", "=", "ALIVE")]
+    earlier = {a.actor_id for a in list_actors(filters=flt, limit=10000)}
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "checkpoints" / "iter_001").exists():
+            time.sleep(0.2)
+        for a in list_actors(filters=flt, limit=10000):
+            if a.actor_id not in earlier and a.pid:
+                os.kill(a.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    with pytest.raises(RunInterrupted, match=rf"a trainer process died during iteration \d+ .*resume_from={out} "
+                                             r"\(last checkpoint: iter_\d\d\d\)"):
+        run_ppo(cfg)
+    killer.join(timeout=5)

@@ -23,11 +23,23 @@ end) when the run finishes.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 from lmflow_ray.align.actors import weights_id
-from lmflow_ray.errors import UserError
+from lmflow_ray.errors import RunInterrupted, UserError
+
+STATE_FILE = "run_state.json"
+
+
+def last_run_checkpoint(out: Path) -> Path:
+    """The newest complete run checkpoint under OUT/checkpoints, or one UserError line."""
+    found = sorted(p for p in (Path(out) / "checkpoints").glob("iter_*") if (p / STATE_FILE).is_file())
+    if not found:
+        raise UserError(f"resume_from {out}: no run checkpoint in {Path(out) / 'checkpoints'}; runs write them "
+                        "with save_iterations: N")
+    return found[-1]
 
 
 class Graph:
@@ -42,8 +54,14 @@ class Graph:
         from lmflow_ray.models.zoo import resolve_model
         from lmflow_ray.runtime import init_ray
 
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"output_dir {out} is not empty; choose a new output_dir")
+        self.checkpoint_dir = None
+        if cfg.resume_from:
+            if Path(cfg.resume_from).resolve() != out.resolve():
+                raise UserError(f"resume_from {cfg.resume_from} continues that run in place: set output_dir to it too")
+            self.checkpoint_dir = last_run_checkpoint(out).resolve()
+        elif out.exists() and any(out.iterdir()):
+            raise UserError(f"output_dir {out} is not empty; choose a new output_dir (or set resume_from: {out} "
+                            "to continue the run it holds)")
         RewardScorer.load(cfg.reward)  # a bad reward spec fails here, before any actor starts
         _, self.all_prompts = read_prompts(cfg.data.path)
         empty = next((i for i, p in enumerate(self.all_prompts) if not p), None)
@@ -63,6 +81,7 @@ class Graph:
         init_ray()
         self.gens, self.reward, self.ref, self.pg, self.trainers = [], None, None, None, {}
         self.log = open(out / "metrics.jsonl", "a")
+        self.rows: list[dict] = []
         try:
             g = cfg.generation
             seed = getattr(cfg, "raft", None) or cfg.ppo
@@ -88,7 +107,6 @@ class Graph:
         self.policy = self.trainers["policy"]
         self.weights = self.base  # what the generation actors hold: a dir, or weights sent through Ray
         self.params = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p}
-        self.rows: list[dict] = []
         self.started = time.time()
         self.lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)} \
             if cfg.lora.enabled else None
@@ -115,6 +133,63 @@ class Graph:
         if self.pg is not None:
             ray.util.remove_placement_group(self.pg)
             self.pg = None
+
+    # ------------------------------------------------------------------ run checkpoints
+
+    def restore(self) -> tuple[int, dict]:
+        """(first iteration to run, the loop's saved extras). With resume_from: every trainer's engine,
+        optimizer and scheduler, the metrics rows up to the checkpoint, and the policy's weights pushed
+        into the generation actors; the iteration numbering and prompt order go on from there."""
+        if self.checkpoint_dir is None:
+            return 1, {}
+        state = json.loads((self.checkpoint_dir / STATE_FILE).read_text())
+        for name, trainer in self.trainers.items():
+            trainer.load_checkpoint(str(self.checkpoint_dir / name))
+        self.rows = state["rows"]
+        self.log.close()
+        tmp = self.out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp.replace(self.out / "metrics.jsonl")
+        self.log = open(self.out / "metrics.jsonl", "a")
+        self.started -= state.get("elapsed_s", 0.0)
+        self.sync()
+        print(f"[lmflow-ray] resumed after iteration {state['iteration']} from {self.checkpoint_dir}", flush=True)
+        return state["iteration"] + 1, state.get("extra", {})
+
+    def checkpoint(self, it: int, extra: dict | None = None) -> None:
+        """Every `save_iterations` iterations: all trainers' state plus the loop's (rows, extras) in
+        OUT/checkpoints/iter_NNN, written beside and renamed into place; older ones removed."""
+        every = self.cfg.save_iterations
+        if not every or it % every:
+            return
+        root = self.out / "checkpoints"
+        tmp = root / f".iter_{it:03d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, trainer in self.trainers.items():
+            trainer.save_checkpoint(str((tmp / name).resolve()))
+        (tmp / STATE_FILE).write_text(json.dumps({"iteration": it, "rows": self.rows, "extra": extra or {},
+                                                  "elapsed_s": time.time() - self.started}))
+        final = root / f"iter_{it:03d}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in root.glob("iter_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def failed(self, err: BaseException, it: int) -> BaseException:
+        """Release everything; what to raise for `err`, which ended iteration `it`: a trainer process
+        that died becomes one line naming the checkpoint to resume from."""
+        import ray
+
+        self.close()
+        if not (isinstance(err, ray.exceptions.RayActorError) and "TrainerActor" in str(err)):
+            return err
+        try:
+            resume = f"continue with --set resume_from={self.out} (last checkpoint: {last_run_checkpoint(self.out).name})"
+        except UserError:
+            resume = "no run checkpoint to resume from (set save_iterations: N to write them)"
+        return RunInterrupted(f"a trainer process died during iteration {it} ({type(err).__name__}); {resume}")
 
     def out_of_time(self, budget_s: float | None) -> bool:
         return budget_s is not None and time.time() - self.started >= budget_s

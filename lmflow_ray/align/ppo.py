@@ -100,12 +100,15 @@ def run_ppo(cfg: PPOConfig) -> list[dict]:
         critic_plan.update(critic_from_lm=from_lm, tokenizer_path=str(_policy_dir(cfg)))
         critic_setup = (critic_cfg, critic_plan)
     graph = Graph(cfg, out, "policy-gradient", total, settings)
+    it = 0
     try:
         if critic_setup:
             graph.add_trainer("critic", "value", *critic_setup)
         kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
-        for it in range(1, p.iterations + 1):
-            if it > 1 and graph.out_of_time(p.time_budget_s):
+        first, extra = graph.restore()
+        kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
+        for it in range(first, p.iterations + 1):
+            if it > first and graph.out_of_time(p.time_budget_s):
                 print(f"[lmflow-ray] time budget of {p.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
                 break
             batch = graph.prompts(it, p.prompts_per_iteration)
@@ -133,9 +136,12 @@ def run_ppo(cfg: PPOConfig) -> list[dict]:
                               f"kl {kl:.3f} (coef {kl_coef:.3g}) pg_loss {row.get('pg_loss', float('nan')):.4f} "
                               f"gen {row['gen_s']:.1f}s score {row['score_s']:.1f}s train {row['train_s']:.1f}s "
                               f"sync {row['sync_s']:.1f}s")
-    except BaseException:
-        graph.close()  # actors, trainers and placement group go, whatever failed
-        raise
+            graph.checkpoint(it, {"kl_coef": kl_ctl.value})
+    except BaseException as e:
+        replacement = graph.failed(e, it)  # actors, trainers and placement group go, whatever failed
+        if replacement is e:
+            raise
+        raise replacement from None
     return graph.finish(p.estimator, {"reward_mean": "mean sample reward"})
 
 

@@ -60,10 +60,12 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
     # The LR schedule spans the run: at most prompts x keep_top rows per iteration.
     total = r.iterations * cfg.train.num_epochs * max(1, r.prompts_per_iteration * r.keep_top // per_step)
     graph = Graph(cfg, Path(cfg.output_dir), "finetune", total)
+    it = 0
     try:
-        pending = graph.submit(graph.prompts(1, r.prompts_per_iteration), r.samples_per_prompt, r.seed + 1)
-        for it in range(1, r.iterations + 1):
-            if it > 1 and graph.out_of_time(r.time_budget_s):
+        first, _ = graph.restore()
+        pending = graph.submit(graph.prompts(first, r.prompts_per_iteration), r.samples_per_prompt, r.seed + first)
+        for it in range(first, r.iterations + 1):
+            if it > first and graph.out_of_time(r.time_budget_s):
                 print(f"[lmflow-ray] time budget of {r.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
                 break
             if pending is None:
@@ -90,9 +92,12 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
                               f"kl {kl:.3f} loss {row.get('loss', float('nan')):.4f} gen {row['gen_s']:.1f}s "
                               f"score {row['score_s']:.1f}s train {row.get('train_s', 0):.1f}s "
                               f"sync {row.get('sync_s', 0):.1f}s")
-    except BaseException:
-        graph.close()  # actors, trainers and placement group go, whatever failed
-        raise
+            graph.checkpoint(it)
+    except BaseException as e:
+        replacement = graph.failed(e, it)  # actors, trainers and placement group go, whatever failed
+        if replacement is e:
+            raise
+        raise replacement from None
     return graph.finish("raft", {"reward_mean": "mean sample reward", "reward_kept_mean": "kept samples"})
 
 

@@ -28,6 +28,7 @@ import time
 import ray
 
 BUCKET_MB = 256
+CHECKPOINT_TAG = "ds"
 
 
 @ray.remote
@@ -203,6 +204,15 @@ class TrainerActor:
         total = sum(t.numel() * t.element_size() for t in state.values())
         return {"refs": [ray.put(b) for b in buckets], "bytes": total, "seconds": time.time() - t0}
 
+    def save_checkpoint(self, path: str) -> None:
+        """Engine, optimizer, scheduler (each rank its shard) and the step counter, for resuming the run."""
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state={"step": self.step})
+
+    def load_checkpoint(self, path: str) -> int:
+        _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        self.step = int((client or {}).get("step", 0))
+        return self.step
+
     def save(self, out_dir: str) -> str | None:
         """OUT-style HF directory (the policy, the critic, or a LoRA adapter) written by rank 0."""
         from transformers import AutoTokenizer
@@ -290,6 +300,12 @@ class TrainerGroup:
 
     def save(self, out_dir: str) -> str:
         return ray.get([a.save.remote(out_dir) for a in self.actors])[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        ray.get([a.save_checkpoint.remote(path) for a in self.actors])
+
+    def load_checkpoint(self, path: str) -> None:
+        self.step = ray.get([a.load_checkpoint.remote(path) for a in self.actors])[0]
 
     def close(self) -> None:
         for a in self.actors:
