@@ -250,6 +250,8 @@ class ScalingSettings(Strict):
     num_workers: AtLeast1 = 1
     use_gpu: bool = False
     cpus_per_worker: Positive = 1.0
+    # Custom Ray resources per worker (an RL trainer rank), e.g. {trainer_node: 1}.
+    resources: dict[str, Positive] = {}
 
 
 class FinetuneConfig(JobConfig):
@@ -357,6 +359,9 @@ class GenerationSettings(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None
     # How long to wait for the placement group before giving up with an error.
     placement_timeout_s: Positive = 120.0
+    # Custom Ray resources each generation actor asks for, e.g. {rollout_node: 1} to pin them to the
+    # nodes started with `ray start --resources '{"rollout_node": 4}'`.
+    resources: dict[str, Positive] = {}
 
 
 class RaftSettings(Strict):

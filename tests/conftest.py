@@ -84,7 +84,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_ray_head(num_cpus: int = 8, temp: Path | None = None):
+def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dict | None = None):
     """A separate Ray head on free ports for CLI tests (`ray job submit`, `serve run`).
 
     Yields (env, gcs_address, dashboard_url). Every port is free-picked: the session's own
@@ -92,6 +92,7 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None):
     the new head without an agent. Ray 2.60 clusters use token auth: with RAY_AUTH_MODE=token
     clients read ~/.ray/auth_token (made by `ray start` when missing).
     """
+    import json
     import subprocess
     import tempfile
 
@@ -107,7 +108,8 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None):
     temp = temp or Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     subprocess.run([str(Path(venv_bin) / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                    "--disable-usage-stats", *ports], check=True, env=env, capture_output=True, timeout=180)
+                    "--disable-usage-stats", *ports, *([f"--resources={json.dumps(resources)}"] if resources else [])],
+                   check=True, env=env, capture_output=True, timeout=180)
     try:
         yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:

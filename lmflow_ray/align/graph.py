@@ -91,20 +91,26 @@ class Graph:
             threads = max(1, int(g.cpus_per_actor))
             lora_rank = cfg.lora.r if cfg.lora.enabled else None
             self.pg = _placement_group(g)
+            custom = {} if self.pg is not None else {"resources": dict(g.resources)}  # else in the bundles
             self.gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor,
                                                  max_restarts=g.max_restarts, max_task_retries=g.max_restarts,
-                                                 **_bundle(self.pg, i))
+                                                 **custom, **_bundle(self.pg, i))
                          .remote(g.engine, self.base, cfg.data.template, threads, lora_rank) for i in range(g.actors)]
             ra, fa = cfg.reward_actor, cfg.reference_actor
             self.reward = RewardActor.options(num_cpus=ra.num_cpus, num_gpus=ra.num_gpus).remote(cfg.reward)
             self.ref = ReferenceActor.options(num_cpus=fa.num_cpus, num_gpus=fa.num_gpus).remote(self.base, 1)
             s = cfg.scaling
             self.trainers["policy"] = TrainerGroup("policy", policy_task, policy_cfg, policy_plan, s.num_workers,
-                                                   s.cpus_per_worker, s.use_gpu, g.placement_timeout_s)
+                                                   s.cpus_per_worker, s.use_gpu, g.placement_timeout_s, s.resources)
         except BaseException:
             self.close()
             raise
         self.policy = self.trainers["policy"]
+        # Which Ray node each actor runs on (run.json): where the graph landed on a cluster.
+        node = lambda actor: actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
+        self.placement = {"generation": ray.get([node(a) for a in self.gens]),
+                          "trainer": ray.get([node(a) for a in self.policy.actors]),
+                          "reward": ray.get(node(self.reward)), "reference": ray.get(node(self.ref))}
         self.weights = self.base  # what the generation actors hold: a dir, or weights sent through Ray
         self.params = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p}
         self.started = time.time()
@@ -116,7 +122,7 @@ class Graph:
 
         s = self.cfg.scaling
         self.trainers[name] = TrainerGroup(name, task, config, plan, s.num_workers, s.cpus_per_worker, s.use_gpu,
-                                           self.cfg.generation.placement_timeout_s)
+                                           self.cfg.generation.placement_timeout_s, s.resources)
 
     def close(self) -> None:
         """Release the actors, trainer groups and placement group (also after a failed iteration); idempotent."""
@@ -301,7 +307,7 @@ class Graph:
         plot(self.rows, curves, self.out / "reward.png")
         (self.out / "run.json").write_text(json.dumps({
             "job": job, "config": self.cfg.model_dump(mode="json"), "iterations": self.rows,
-            "final_model": str(self.out / "model")}, indent=2))
+            "placement": self.placement, "final_model": str(self.out / "model")}, indent=2))
         return self.rows
 
 
@@ -312,7 +318,7 @@ def _placement_group(g):
     import ray
     from ray.util.placement_group import placement_group
 
-    bundle = {"CPU": g.cpus_per_actor, **({"GPU": g.gpus_per_actor} if g.gpus_per_actor else {})}
+    bundle = {"CPU": g.cpus_per_actor, **({"GPU": g.gpus_per_actor} if g.gpus_per_actor else {}), **g.resources}
     pg = placement_group([bundle] * g.actors, strategy=g.placement_strategy)
     try:
         ray.get(pg.ready(), timeout=g.placement_timeout_s)
