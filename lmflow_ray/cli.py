@@ -96,6 +96,12 @@ def cmd_ppo(args) -> int:
     return ppo_main(args.config, args.set)
 
 
+def cmd_iterative_dpo(args) -> int:
+    from lmflow_ray.align.iterative_dpo import iterative_dpo_main
+
+    return iterative_dpo_main(args.config, args.set)
+
+
 def cmd_merge_lora(args) -> int:
     from lmflow_ray.models.peft_utils import merge_lora
 
@@ -195,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("reward-model", "train a reward model on preference pairs (Bradley-Terry)", cmd_reward_model),
             ("dpo", "direct preference optimisation on preference pairs", cmd_dpo),
             ("raft", "RAFT: sample K, keep the best by reward, finetune, repeat (Ray actor graph)", cmd_raft),
-            ("ppo", "PPO / GRPO / REINFORCE++ / RLOO from a reward (Ray actor graph)", cmd_ppo)):
+            ("ppo", "PPO / GRPO / REINFORCE++ / RLOO from a reward (Ray actor graph)", cmd_ppo),
+            ("iterative-dpo", "online DPO: sample K, pair best vs worst by reward, DPO, repeat (Ray actor graph)",
+             cmd_iterative_dpo)):
         al = sub.add_parser(name, help=helptext)
         al.add_argument("--config", required=True)
         al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

@@ -321,13 +321,6 @@ class DPOSettings(Strict):
     # Reference model; default: the starting model.
     ref_model: str | None = None
 
-    @model_validator(mode="after")
-    def _ranges(self):
-        if self.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        return self
 
 
 class DPOConfig(FinetuneConfig):
@@ -490,3 +483,27 @@ class PPOConfig(AlignConfig):
                              "the PPO family: its log-probs and KL are of the untempered policy, so the samples must be "
                              "drawn from it")
         return self
+
+
+
+# ----------------------------------------------------------------------------- iterative (online) DPO
+
+
+class IterativeDPOSettings(Strict):
+    iterations: AtLeast1 = 4
+    prompts_per_iteration: AtLeast1 = 32
+    # K responses per prompt; the best and the worst by reward make the prompt's pair.
+    samples_per_prompt: Annotated[int, Field(ge=2)] = 4
+    # Pairs whose rewards differ by no more than this teach no preference and are skipped (counted).
+    min_margin: NonNegative = 0.0
+    # No new iteration starts after this many seconds.
+    time_budget_s: Positive | None = None
+    seed: int = 0
+
+
+class IterativeDPOConfig(AlignConfig):
+    """`lmflow-ray iterative-dpo`: sample K per prompt, pair best vs worst by reward, DPO against the fixed
+    starting policy on the persistent trainer, sync, repeat (LMFlow's iterative DPO as an actor graph)."""
+
+    dpo: DPOSettings = DPOSettings()
+    iterative_dpo: IterativeDPOSettings = IterativeDPOSettings()

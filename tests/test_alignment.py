@@ -142,4 +142,4 @@ def test_bad_preference_data(tmp_path, repo):
     assert bad.returncode == 2 and "instance 0" in bad.stderr and "rejected" in bad.stderr, bad.stderr
     wrong = run_cli("dpo", "--config", str(repo / "configs/dpo_tiny.yaml"), "--set", "dpo.beta=0",
                     "--set", f"output_dir={tmp_path / 'o3'}")
-    assert wrong.returncode == 2 and "dpo.beta must be > 0" in wrong.stderr
+    assert wrong.returncode == 2 and "key 'dpo.beta': must be > 0" in wrong.stderr

@@ -43,7 +43,8 @@ def last_run_checkpoint(out: Path) -> Path:
 
 
 class Graph:
-    def __init__(self, cfg, out: Path, policy_task: str, total_steps: int, settings: dict | None = None):
+    def __init__(self, cfg, out: Path, policy_task: str, total_steps: int, settings: dict | None = None,
+                 trainer_overrides: dict | None = None):
         import ray
         import ray.data
 
@@ -76,7 +77,7 @@ class Graph:
             from lmflow_ray.inference.vllm_engine import check_vllm_model
 
             check_vllm_model(self.base, on_gpu=cfg.generation.gpus_per_actor > 0)
-        policy_cfg, policy_plan = trainer_setup(cfg, self.base, total_steps, settings)
+        policy_cfg, policy_plan = trainer_setup(cfg, self.base, total_steps, settings, **(trainer_overrides or {}))
         out.mkdir(parents=True, exist_ok=True)  # an existing empty dir is fine, as for finetune
         init_ray()
         self.gens, self.reward, self.ref, self.pg, self.trainers = [], None, None, None, {}
@@ -84,7 +85,7 @@ class Graph:
         self.rows: list[dict] = []
         try:
             g = cfg.generation
-            seed = getattr(cfg, "raft", None) or cfg.ppo
+            seed = next(getattr(cfg, k) for k in ("raft", "ppo", "iterative_dpo") if hasattr(cfg, k))
             # The prompts as a Ray Dataset, shuffled once; each iteration takes the next slice, cycling.
             pool = ray.data.from_items([{"i": i} for i in range(len(self.all_prompts))]).random_shuffle(seed=seed.seed)
             self.order = [row["i"] for row in pool.iter_rows()]

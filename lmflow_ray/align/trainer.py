@@ -45,7 +45,7 @@ class TrainerActor:
         import torch
         import torch.distributed as dist
 
-        from lmflow_ray.config import FinetuneConfig
+        from lmflow_ray.config import config_class
         from lmflow_ray.train.loop import lr_lambda
         from lmflow_ray.train.tasks import make_task
 
@@ -58,7 +58,7 @@ class TrainerActor:
         threads = self.plan.get("threads")
         if threads:
             torch.set_num_threads(threads)
-        cfg = FinetuneConfig.model_validate(self.config)
+        cfg = config_class(self.plan.get("config_kind", "finetune")).model_validate(self.config)
         self.cfg = cfg
         self.task = make_task(self.task_name, cfg, self.plan)
         torch.manual_seed(cfg.seed)
@@ -324,7 +324,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None = None,
+def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None = None, kind: str = "finetune",
                   **replace: dict) -> tuple[dict, dict]:
     """(finetuning config, plan) of a trainer group for an RL job `cfg`, checked before any actor starts.
 
@@ -333,7 +333,7 @@ def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None 
     """
     from pydantic import ValidationError
 
-    from lmflow_ray.config import FinetuneConfig, format_validation_error
+    from lmflow_ray.config import config_class, format_validation_error
     from lmflow_ray.errors import UserError
     from lmflow_ray.models.loading import load_tokenizer
     from lmflow_ray.train.run import fill_deepspeed, resolve_deepspeed
@@ -344,7 +344,7 @@ def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None 
            "scaling": cfg.scaling.model_dump(), "deepspeed": cfg.deepspeed}
     raw.update(replace)
     try:
-        ft = FinetuneConfig.model_validate(raw)
+        ft = config_class(kind).model_validate(raw)
     except ValidationError as err:
         raise format_validation_error(err, "config") from None
     if ft.lora.qlora and not ft.scaling.use_gpu:
@@ -358,5 +358,5 @@ def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None 
     plan = {"model_path": model_path, "tokenizer_path": model_path,
             "ds_config": fill_deepspeed(resolve_deepspeed(ft.deepspeed), ft, bf16), "bf16": bf16,
             "pad_id": load_tokenizer(model_path).pad_token_id, "total_steps": max(1, total_steps),
-            "accumulation": ft.gradient_accumulation_steps, "ppo": settings}
+            "accumulation": ft.gradient_accumulation_steps, "ppo": settings, "config_kind": kind}
     return ft.model_dump(mode="json"), plan

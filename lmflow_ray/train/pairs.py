@@ -135,6 +135,6 @@ def collate_pairs(batch, pad_id: int) -> dict:
     out["margin"] = torch.from_numpy(np.asarray(batch["margin"], dtype=np.float32))
     for key in ("ref_logp", "ref_count"):
         if key in batch:
-            out[key] = torch.from_numpy(np.concatenate([np.asarray(batch[key][:, 0], dtype=np.float32),
-                                                        np.asarray(batch[key][:, 1], dtype=np.float32)]))
+            both = np.asarray(batch[key], dtype=np.float32)  # (B, 2): chosen, rejected
+            out[key] = torch.from_numpy(np.concatenate([both[:, 0], both[:, 1]]))
     return out
