@@ -1,4 +1,6 @@
-"""Entry point for `ray job submit ... -- python jobs/train.py {finetune|reward-model|dpo|raft|ppo|iterative-dpo} --config F [--set k=v]`.
+"""Entry point for `ray job submit ... -- python jobs/train.py KIND --config F [--set k=v]`.
+
+KIND: finetune, reward-model, dpo, raft, ppo or iterative-dpo.
 
 Inside a Ray job RAY_ADDRESS is set, so the run joins the submitting cluster.
 """
