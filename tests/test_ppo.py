@@ -38,8 +38,9 @@ def _rises(rows):
 
 
 def test_ppo_with_critic_raises_the_reward(ray_session, repo, tmp_path, tiny_llama):
+    """Two data-parallel trainer ranks under ZeRO-2 (policy and critic groups alike)."""
     out = tmp_path / "ppo"
-    rows = _run(repo, out)
+    rows = _run(repo, out, "deepspeed=zero2", "scaling.num_workers=2", "train.micro_batch_size=8")
     _rises(rows)
     assert all(r["vf_loss"] >= 0 for r in rows) and rows[-1]["vf_loss"] < rows[0]["vf_loss"]
     assert (out / "critic" / "config.json").is_file()

@@ -186,28 +186,32 @@ def test_generation_actor_killed_mid_iteration_the_iteration_completes(ray_sessi
     (generate, or sync if the kill lands later) is retried on the new actor, and the run finishes."""
     import threading
 
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_tasks
 
     from lmflow_ray.align.raft import run_raft
 
     cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
                       [f"output_dir={tmp_path / 'out'}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
-                       "raft.iterations=1", "raft.prompts_per_iteration=8", "generation.max_tokens=200",
+                       "raft.iterations=1", "raft.prompts_per_iteration=16", "generation.max_tokens=300",
                        "train.num_epochs=1"])
     flt = [("class_name", "=", "GenerationActor")]
     earlier = {a.actor_id for a in list_actors(filters=flt, limit=10000)}
     killed = {}
 
     def kill_when_generating():
+        # Kill while a `generate` call of this run's actor runs (16 prompts x 4 samples x 300 tokens).
         deadline = time.time() + 180
         while time.time() < deadline:
-            new = [a for a in list_actors(filters=flt, limit=10000) if a.actor_id not in earlier and a.pid
-                   and a.state == "ALIVE"]
-            if new:
-                time.sleep(3.0)  # the engine has loaded; 8 prompts x 4 samples x 200 tokens are being sampled
-                os.kill(new[0].pid, signal.SIGKILL)
-                killed["id"] = new[0].actor_id
-                return
+            running = {t.actor_id for t in list_tasks(filters=[("func_or_class_name", "=", "GenerationActor.generate"),
+                                                               ("state", "=", "RUNNING")], limit=10000)}
+            for a in list_actors(filters=flt, limit=10000):
+                if a.actor_id in running and a.actor_id not in earlier and a.pid and a.state == "ALIVE":
+                    try:
+                        os.kill(a.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        continue
+                    killed["id"] = a.actor_id
+                    return
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_when_generating, daemon=True)

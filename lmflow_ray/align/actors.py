@@ -62,7 +62,7 @@ class GenerationActor:
 
         self.kind, self.weights, self.base = engine, model_dir, model_dir
         # vLLM takes LoRA adapters only when built for them (a policy trained with LoRA syncs adapters).
-        kw = {"enable_lora": True, "max_lora_rank": max(8, lora_rank)} if lora_rank and engine == "vllm" else {}
+        kw = {"enable_lora": True, "max_lora_rank": lora_rank} if lora_rank and engine == "vllm" else {}
         self.engine = make_engine(engine, model_dir, template=template, **kw)
         # Node-local scratch for weights that arrive through Ray but must be read from files (vLLM on CPU).
         self.scratch = tempfile.mkdtemp(prefix="lmflow-sync-")
@@ -212,7 +212,7 @@ def _per_response_token(model_fn, pad_id: int, prompt_ids: list[list[int]], resp
         for i, r in enumerate(rows):
             ids[i, :len(r)], mask[i, :len(r)] = torch.as_tensor(r), 1
         with torch.no_grad():
-            grid = model_fn(ids, mask).float()
+            grid = model_fn(ids, mask).float().cpu()
         for i, (p, r) in enumerate(zip(prompt_ids[s:s + batch_size], response_ids[s:s + batch_size])):
             out.append(grid[i, len(p) - 1:len(p) + len(r) - 1].tolist())
     return out
@@ -223,13 +223,15 @@ class ReferenceActor:
     """Per-token log-probs of sampled responses under the frozen starting policy (the KL reference)."""
 
     def __init__(self, model_dir: str, threads: int | None = None):
+        import torch
+
         from lmflow_ray.models.loading import load_causal_lm
 
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
         self.model = load_causal_lm(model_dir).eval()
+        if torch.cuda.is_available():  # Ray shows this actor a GPU only when reference_actor.num_gpus asks for one
+            self.model = self.model.cuda()
         self.pad_id = self.model.config.pad_token_id or 0
 
     def token_logps(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
@@ -240,6 +242,7 @@ class ReferenceActor:
         import torch
 
         def fn(ids, mask):
+            ids, mask = ids.to(self.model.device), mask.to(self.model.device)
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 

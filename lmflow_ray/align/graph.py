@@ -35,7 +35,8 @@ STATE_FILE = "run_state.json"
 
 def last_run_checkpoint(out: Path) -> Path:
     """The newest complete run checkpoint under OUT/checkpoints, or one UserError line."""
-    found = sorted(p for p in (Path(out) / "checkpoints").glob("iter_*") if (p / STATE_FILE).is_file())
+    found = sorted((p for p in (Path(out) / "checkpoints").glob("iter_*") if (p / STATE_FILE).is_file()),
+                   key=lambda p: int(p.name.removeprefix("iter_")))
     if not found:
         raise UserError(f"resume_from {out}: no run checkpoint in {Path(out) / 'checkpoints'}; runs write them "
                         "with save_iterations: N")
@@ -103,15 +104,15 @@ class Graph:
             s = cfg.scaling
             self.trainers["policy"] = TrainerGroup("policy", policy_task, policy_cfg, policy_plan, s.num_workers,
                                                    s.cpus_per_worker, s.use_gpu, g.placement_timeout_s, s.resources)
+            self.policy = self.trainers["policy"]
+            # Which Ray node each actor runs on (run.json); waits until every actor has started.
+            node = lambda a: a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
+            self.placement = {"generation": ray.get([node(a) for a in self.gens]),
+                              "trainer": ray.get([node(a) for a in self.policy.actors]),
+                              "reward": ray.get(node(self.reward)), "reference": ray.get(node(self.ref))}
         except BaseException:
             self.close()
             raise
-        self.policy = self.trainers["policy"]
-        # Which Ray node each actor runs on (run.json): where the graph landed on a cluster.
-        node = lambda actor: actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
-        self.placement = {"generation": ray.get([node(a) for a in self.gens]),
-                          "trainer": ray.get([node(a) for a in self.policy.actors]),
-                          "reward": ray.get(node(self.reward)), "reference": ray.get(node(self.ref))}
         self.weights = self.base  # what the generation actors hold: a dir, or weights sent through Ray
         self.params = {"max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p}
         self.started = time.time()
@@ -150,6 +151,13 @@ class Graph:
         if self.checkpoint_dir is None:
             return 1, {}
         state = json.loads((self.checkpoint_dir / STATE_FILE).read_text())
+        now = self._setup()
+        changed = [f"{k}: {state['setup'].get(k)!r} -> {v!r}" for k, v in now.items() if state["setup"].get(k) != v]
+        if changed:
+            self.close()
+            raise UserError(f"resume_from {self.out}: the run was checkpointed with another setup ({'; '.join(changed)}); "
+                            "resume with the settings it was started with")
+        self.order = state["order"]
         for name, trainer in self.trainers.items():
             trainer.load_checkpoint(str(self.checkpoint_dir / name))
         self.rows = state["rows"]
@@ -176,7 +184,8 @@ class Graph:
         for name, trainer in self.trainers.items():
             trainer.save_checkpoint(str((tmp / name).resolve()))
         (tmp / STATE_FILE).write_text(json.dumps({"iteration": it, "rows": self.rows, "extra": extra or {},
-                                                  "elapsed_s": time.time() - self.started}))
+                                                  "elapsed_s": time.time() - self.started, "order": self.order,
+                                                  "setup": self._setup()}))
         final = root / f"iter_{it:03d}"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -184,19 +193,45 @@ class Graph:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _setup(self) -> dict:
+        """What a checkpoint's trainer state depends on: resuming under anything else cannot load it."""
+        c = self.cfg
+        return {"model": self.base, "trainers": sorted(self.trainers), "scaling.num_workers": c.scaling.num_workers,
+                "deepspeed": c.deepspeed, "lora.enabled": c.lora.enabled, "lora.r": c.lora.r,
+                "data.path": str(Path(c.data.path).resolve())}
+
     def failed(self, err: BaseException, it: int) -> BaseException:
         """Release everything; what to raise for `err`, which ended iteration `it`: a trainer process
         that died becomes one line naming the checkpoint to resume from."""
         import ray
 
+        dead = self._dead_process(err) if isinstance(err, ray.exceptions.RayError) else None
         self.close()
-        if not (isinstance(err, ray.exceptions.RayActorError) and "TrainerActor" in str(err)):
+        if dead is None:
             return err
         try:
             resume = f"continue with --set resume_from={self.out} (last checkpoint: {last_run_checkpoint(self.out).name})"
         except UserError:
             resume = "no run checkpoint to resume from (set save_iterations: N to write them)"
-        return RunInterrupted(f"a trainer process died during iteration {it} ({type(err).__name__}); {resume}")
+        return RunInterrupted(f"a {dead} process died during iteration {it} ({type(err).__name__}); {resume}")
+
+    def _dead_process(self, err: BaseException) -> str | None:
+        """Which kind of graph process is gone after `err` ("trainer", "reward", ...), or None if all live.
+
+        A trainer rank's death can surface first as its peers' collective failing (a task error), so
+        every trainer actor is probed rather than trusting the error's text."""
+        import ray
+
+        for name, actors in [*(("trainer", t.actors) for t in self.trainers.values()),
+                             ("reward", [self.reward]), ("reference", [self.ref])]:
+            for actor in actors:
+                if actor is None:
+                    continue
+                try:
+                    ray.get(actor.__ray_call__.remote(lambda self: None), timeout=30)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    return name
+        return "trainer" if isinstance(err, ray.exceptions.RayActorError) and "TrainerActor" in str(err) else None
 
     def out_of_time(self, budget_s: float | None) -> bool:
         return budget_s is not None and time.time() - self.started >= budget_s
@@ -244,11 +279,12 @@ class Graph:
         ids = (roll["prompt_ids"], roll["response_ids"])
         calls = {"scores": self.reward.score.remote(roll["prompts"], roll["responses"]),
                  "ref": self.ref.token_logps.remote(*ids)}
-        got = {}
+        shares = {}
         if policy_logps:
-            got["old"] = self.policy.logps(*ids)
+            shares["old"] = (self.policy, self.policy.per_token_async("logps", *ids))
         if "critic" in self.trainers:
-            got["values"] = self.trainers["critic"].values(*ids)
+            shares["values"] = (self.trainers["critic"], self.trainers["critic"].per_token_async("values", *ids))
+        got = {k: tr.reassemble(ray.get(refs)) for k, (tr, refs) in shares.items()}
         got.update(zip(calls, ray.get(list(calls.values()))))
         got["score_s"] = time.time() - t0
         return got
@@ -267,6 +303,10 @@ class Graph:
         for name, res in results.items():
             row.update({k: v for k, v in res.items() if k in ("vf_loss",)} | {f"{name}_lr": res["lr"]})
         row["train_s"] = time.time() - t0
+        if row.get("steps", 0) == 0:
+            print(f"[lmflow-ray] note: {len(rows)} training rows are fewer than one global batch: no optimizer step "
+                  "this iteration (sample more, or lower train.micro_batch_size / global_batch_size)", flush=True)
+            return row
         row.update(self.sync())
         return row
 
@@ -297,12 +337,16 @@ class Graph:
             if self.lora is not None:
                 from lmflow_ray.models.peft_utils import merge_lora
 
-                self.policy.save(str(self.out / "adapter"))
-                merge_lora(self.base, str(self.out / "adapter"), str(self.out / "model"))
+                self.policy.save(str((self.out / "adapter").resolve()))
+                tmp = self.out / ".model.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                merge_lora(self.base, str(self.out / "adapter"), str(tmp))
+                shutil.rmtree(self.out / "model", ignore_errors=True)  # a resumed, extended run replaces it
+                tmp.rename(self.out / "model")
             else:
-                self.policy.save(str(self.out / "model"))
+                self.policy.save(str((self.out / "model").resolve()))
             if "critic" in self.trainers:
-                self.trainers["critic"].save(str(self.out / "critic"))
+                self.trainers["critic"].save(str((self.out / "critic").resolve()))
         finally:
             self.close()
         plot(self.rows, curves, self.out / "reward.png")

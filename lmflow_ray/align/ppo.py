@@ -99,7 +99,8 @@ def run_ppo(cfg: PPOConfig) -> list[dict]:
                                                 lora={"enabled": False})
         critic_plan.update(critic_from_lm=from_lm, tokenizer_path=str(_policy_dir(cfg)))
         critic_setup = (critic_cfg, critic_plan)
-    graph = Graph(cfg, out, "policy-gradient", total, settings)
+    # No LoRA dropout: the old log-probs (eval mode) and the first step's (train mode) must agree (ratio 1).
+    graph = Graph(cfg, out, "policy-gradient", total, settings, {"lora": {**cfg.lora.model_dump(), "dropout": 0.0}})
     it = 0
     try:
         if critic_setup:

@@ -176,14 +176,16 @@ class TrainerActor:
                     state = get_peft_model_state_dict(module)
                     state = {k: v.detach().cpu().clone() for k, v in state.items()}
             else:
-                state = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(module).items()}
+                state = get_peft_model_state_dict(module)
         elif self.stage == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = module.state_dict()
         if self.rank != 0:
             return None
-        return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        # Copies: under ZeRO-1/2 every parameter is a view into one flat buffer, and pickling a view
+        # (ray.put) writes its whole storage, i.e. the whole model once per tensor.
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def weights(self, adapter_only: bool = False, bucket_mb: int = BUCKET_MB) -> dict | None:
         """{"refs": [ObjectRef of {name: tensor}], "bytes", "seconds"} on rank 0 (None elsewhere)."""
@@ -209,7 +211,9 @@ class TrainerActor:
         self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, client_state={"step": self.step})
 
     def load_checkpoint(self, path: str) -> int:
-        _, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        loaded, client = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        if loaded is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint for this trainer rank under {path}")
         self.step = int((client or {}).get("step", 0))
         return self.step
 
@@ -261,9 +265,9 @@ class TrainerGroup:
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan["threads"])}},
             ).remote(i, num_workers, task, config, plan)
             for i in range(num_workers)]
-        master = ray.get(self.actors[0].address.remote())
-        port = ray.get(self.actors[0].__ray_call__.remote(lambda self: _free_port()))
         try:
+            master = ray.get(self.actors[0].address.remote())
+            port = ray.get(self.actors[0].__ray_call__.remote(lambda self: _free_port()))
             self.trainable = ray.get([a.setup.remote(master, port) for a in self.actors])[0]
         except BaseException:
             self.close()
@@ -280,20 +284,23 @@ class TrainerGroup:
         self.step = result["optimizer_step"]
         return result
 
-    def _gather(self, method: str, prompt_ids: list, response_ids: list) -> list[list[float]]:
+    def per_token_async(self, method: str, prompt_ids: list, response_ids: list) -> list:
+        """Start `logps` or `values` on every rank (each takes rows rank::world); `reassemble` the results."""
         p, r = ray.put(prompt_ids), ray.put(response_ids)
-        shares = ray.get([getattr(a, method).remote(p, r) for a in self.actors])
-        out: list = [None] * len(prompt_ids)
+        return [getattr(a, method).remote(p, r) for a in self.actors]
+
+    def reassemble(self, shares: list[list]) -> list[list[float]]:
+        out: list = [None] * sum(len(s) for s in shares)
         for rank, share in enumerate(shares):
             for j, values in enumerate(share):
                 out[rank + j * len(self.actors)] = values
         return out
 
     def logps(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
-        return self._gather("logps", prompt_ids, response_ids)
+        return self.reassemble(ray.get(self.per_token_async("logps", prompt_ids, response_ids)))
 
     def values(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
-        return self._gather("values", prompt_ids, response_ids)
+        return self.reassemble(ray.get(self.per_token_async("values", prompt_ids, response_ids)))
 
     def weights(self, adapter_only: bool = False) -> dict:
         return ray.get([a.weights.remote(adapter_only) for a in self.actors])[0]

@@ -261,10 +261,14 @@ class HFEngine(Engine):
         new = out.sequences[:, enc["input_ids"].shape[1]:]
         logprobs = top = None
         if params.logprobs:
-            steps = [torch.log_softmax(step.float(), dim=-1) for step in out.logits[: new.shape[1]]]
-            logprobs = torch.cat([s.gather(-1, new[:, t:t + 1]) for t, s in enumerate(steps)], dim=1).tolist()
-            if params.top_logprobs:
-                best = [s.topk(params.top_logprobs, dim=-1) for s in steps]  # per step: (rows, k) values and ids
+            chosen, best = [], []  # per step, one full-vocabulary log_softmax at a time
+            for t, step in enumerate(out.logits[: new.shape[1]]):
+                lp = torch.log_softmax(step.float(), dim=-1)
+                chosen.append(lp.gather(-1, new[:, t:t + 1]))
+                if params.top_logprobs:
+                    best.append(lp.topk(params.top_logprobs, dim=-1))  # (rows, k) values and ids
+            logprobs = torch.cat(chosen, dim=1).tolist()
+            if best:
                 top = [[list(zip(b.indices[i].tolist(), b.values[i].tolist())) for b in best] for i in range(len(new))]
         rows = [self._completion(new[i].tolist(), logprobs[i] if logprobs else None, params, top[i] if top else None)
                 for i in range(len(new))]

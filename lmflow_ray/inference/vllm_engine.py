@@ -48,6 +48,19 @@ def _cpu_head_sizes() -> tuple[int, ...]:
         return CPU_HEAD_SIZES
 
 
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds adapters of `rank`."""
+    from lmflow_ray.errors import UserError
+
+    slot = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if slot is None:
+        raise UserError(f"LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); lower lora.r or use the hf engine")
+    return slot
+
+
 def refuse_hf_options(engine_kw: dict) -> None:
     from lmflow_ray.errors import UserError
 
@@ -114,6 +127,10 @@ class VLLMEngine(Engine):
             lora = LoRARequest("adapter", 1, str(path))
         else:
             path = base_dir
+            if engine_kwargs.get("enable_lora"):
+                engine_kwargs["max_lora_rank"] = max_lora_rank
+        if "max_lora_rank" in engine_kwargs:
+            engine_kwargs["max_lora_rank"] = lora_rank_slot(engine_kwargs["max_lora_rank"])
         base = str(base_dir)
         # Never ask for more context than the model was built for (vLLM refuses that).
         trained = json.loads((Path(base) / "config.json").read_text()).get("max_position_embeddings")

@@ -488,6 +488,10 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, bloc
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            # Only our application goes: others on a shared Serve keep running.
-            serve.delete(name) if shared else serve.shutdown()
+            if joining:  # only our application goes: others (added before or after) keep running ...
+                serve.delete(name)
+                if not shared and not serve.status().applications:
+                    serve.shutdown()  # ... and Serve itself, which we started, once nothing else uses it
+            else:
+                serve.shutdown()
     return base

@@ -21,8 +21,10 @@ def all_sum(values: list[float]) -> list[float]:
 
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 @dataclass
