@@ -116,6 +116,18 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dic
         stop_head(temp)
 
 
+@pytest.fixture(scope="session")
+def shared_head():
+    """One private Ray head (8 CPUs, custom resource `trainer_node`) for every test that runs commands
+    against a `ray start` cluster. Yields (env, gcs_address, dashboard_url); in `env`, RAY_TMPDIR points
+    where its address file lies, as `ray start` leaves it for a user's later commands."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    with private_ray_head(num_cpus=8, temp=root / "ray", resources={"trainer_node": 4}) as (env, gcs, dash):
+        yield {**env, "RAY_TMPDIR": str(root)}, gcs, dash
+
+
 def stop_head(temp: Path) -> None:
     """Stop only the head started above (`ray stop` would also kill the session's cluster)."""
     import psutil

@@ -115,7 +115,7 @@ def test_dpo_with_lora_uses_the_base_as_reference(ray_session, repo, tmp_path, t
     assert (out / "model" / "adapter_config.json").is_file()
 
 
-def test_bad_preference_data(tmp_path, repo):
+def test_bad_preference_data(tmp_path, repo, capsys):
     good = json.loads((repo / "examples/data/preference_t2t_tiny.json").read_text())["instances"][:20]
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps({"type": "paired_text_to_text", "instances": good + [
@@ -137,9 +137,12 @@ def test_bad_preference_data(tmp_path, repo):
     assert len(scores) == 2 and all(isinstance(x, float) for x in scores)
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({"type": "paired_text_to_text", "instances": [{"prompt": "q", "chosen": "a"}]}))
-    bad = run_cli("dpo", "--config", str(repo / "configs/dpo_tiny.yaml"), "--set", f"data.path={missing}",
-                  "--set", f"output_dir={tmp_path / 'o2'}")
-    assert bad.returncode == 2 and "instance 0" in bad.stderr and "rejected" in bad.stderr, bad.stderr
-    wrong = run_cli("dpo", "--config", str(repo / "configs/dpo_tiny.yaml"), "--set", "dpo.beta=0",
-                    "--set", f"output_dir={tmp_path / 'o3'}")
-    assert wrong.returncode == 2 and "key 'dpo.beta': must be > 0" in wrong.stderr
+    from lmflow_ray.cli import main
+
+    assert main(["dpo", "--config", str(repo / "configs/dpo_tiny.yaml"), "--set", f"data.path={missing}",
+                 "--set", f"output_dir={tmp_path / 'o2'}"]) == 2
+    err = capsys.readouterr().err
+    assert "instance 0" in err and "rejected" in err, err
+    assert main(["dpo", "--config", str(repo / "configs/dpo_tiny.yaml"), "--set", "dpo.beta=0",
+                 "--set", f"output_dir={tmp_path / 'o3'}"]) == 2
+    assert "key 'dpo.beta': must be > 0" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import private_ray_head, random_lora
+from conftest import random_lora
 
 from lmflow_ray.cli import main
 
@@ -186,19 +186,18 @@ def test_stale_ray_address_file_is_ignored():
 
 
 @pytest.mark.slow
-def test_live_ray_start_head_is_named_not_joined_silently():
-    root = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))
-    with private_ray_head(num_cpus=5, temp=root / "ray") as (env, gcs, _):
-        env = {**env, "RAY_TMPDIR": str(root), "LMFLOW_RAY_NUM_CPUS": "3"}
-        own = _probe({**env, "RAY_ADDRESS": ""})
-        assert own.returncode == 0, own.stderr[-3000:]
-        port = gcs.rsplit(":", 1)[1]  # the address file names the node's IP, not 127.0.0.1
-        assert "a Ray cluster started by `ray start` runs on this machine" in own.stderr
-        assert f":{port}); this command starts its own" in own.stderr
-        assert f":{port} " not in own.stdout and own.stdout.split()[-1] == "3"
-        joined = _probe({**env, "RAY_ADDRESS": "auto"})
-        assert joined.returncode == 0, joined.stderr[-3000:]
-        assert f":{port} 5" in joined.stdout and "note:" not in joined.stderr
+def test_live_ray_start_head_is_named_not_joined_silently(shared_head):
+    env, gcs, _ = shared_head
+    env = {**env, "LMFLOW_RAY_NUM_CPUS": "3"}
+    own = _probe({**env, "RAY_ADDRESS": ""})
+    assert own.returncode == 0, own.stderr[-3000:]
+    port = gcs.rsplit(":", 1)[1]  # the address file names the node's IP, not 127.0.0.1
+    assert "a Ray cluster started by `ray start` runs on this machine" in own.stderr
+    assert f":{port}); this command starts its own" in own.stderr
+    assert f":{port} " not in own.stdout and own.stdout.split()[-1] == "3"
+    joined = _probe({**env, "RAY_ADDRESS": "auto"})
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert f":{port} " in joined.stdout and "note:" not in joined.stderr  # joined that head
 
 
 def _free_port() -> int:

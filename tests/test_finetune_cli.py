@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import private_ray_head, run_cli
+from conftest import run_cli
 
 BASE = {
     "model": "tiny-llama",
@@ -81,27 +81,27 @@ def test_config_file_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama):
+def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama, shared_head):
     out = tmp_path / "out"
-    with private_ray_head() as (env, _, address):
-        ray = str(Path(sys.executable).parent / "ray")
-        deadline = time.time() + 300
-        while True:  # the head's job agent takes seconds (a minute or more on a loaded machine) to come up
-            proc = subprocess.run(
-                [ray, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
-                 "python", "jobs/finetune.py", "--config", "configs/sft_tiny_zero3.yaml",
-                 "--set", f"output_dir={out}", "--set", "train.num_epochs=1"],
-                env=env, capture_output=True, text=True, timeout=900)
-            if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
-                break
-            time.sleep(5)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
-        status = subprocess.run(
-            [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-             "print(C(sys.argv[1]).get_job_status(sys.argv[2]))", address, job_id],
-            env=env, capture_output=True, text=True, timeout=120)
-        assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr
+    env, _, address = shared_head
+    ray = str(Path(sys.executable).parent / "ray")
+    deadline = time.time() + 300
+    while True:  # the head's job agent takes seconds (a minute or more on a loaded machine) to come up
+        proc = subprocess.run(
+            [ray, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
+             "python", "jobs/finetune.py", "--config", "configs/sft_tiny_zero3.yaml",
+             "--set", f"output_dir={out}", "--set", "train.num_epochs=1"],
+            env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", proc.stdout + proc.stderr).group(0)
+    status = subprocess.run(
+        [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+         "print(C(sys.argv[1]).get_job_status(sys.argv[2]))", address, job_id],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert status.stdout.strip() == "SUCCEEDED", status.stdout + status.stderr
     for name in ("model/config.json", "model/model.safetensors", "metrics.jsonl", "run.json"):
         assert (out / name).exists(), name
     run = json.loads((out / "run.json").read_text())

@@ -16,25 +16,25 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, private_ray_head, stop_head
+from conftest import free_port, stop_head
 
 pytestmark = pytest.mark.slow
 
 
-def test_grpo_across_two_nodes(repo, tmp_path, tiny_llama):
-    with private_ray_head(num_cpus=6, resources={"trainer_node": 4}) as (env, gcs, _):
-        ray_bin = str(Path(sys.executable).parent / "ray")
-        node2 = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
-        ports = [f"--{name}={free_port()}" for name in (
-            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-            "metrics-export-port", "node-manager-port", "object-manager-port")]
-        subprocess.run([ray_bin, "start", f"--address={gcs}", "--num-cpus=3", f"--temp-dir={node2}",
-                        '--resources={"rollout_node": 2}', "--disable-usage-stats", *ports],
-                       check=True, env=env, capture_output=True, timeout=180)
-        try:
-            _run_and_check(repo, tmp_path, {**env, "RAY_ADDRESS": gcs}, gcs)
-        finally:
-            stop_head(node2)
+def test_grpo_across_two_nodes(repo, tmp_path, tiny_llama, shared_head):
+    env, gcs, _ = shared_head
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    node2 = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port")]
+    subprocess.run([ray_bin, "start", f"--address={gcs}", "--num-cpus=3", f"--temp-dir={node2}",
+                    '--resources={"rollout_node": 2}', "--disable-usage-stats", *ports],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        _run_and_check(repo, tmp_path, {**env, "RAY_ADDRESS": gcs}, gcs)
+    finally:
+        stop_head(node2)
 
 
 def _run_and_check(repo, tmp_path, env, gcs):
@@ -68,7 +68,7 @@ def _run_and_check(repo, tmp_path, env, gcs):
         [sys.executable, "-c", "import json, sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
          "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))", gcs],
         env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip().splitlines()[-1])
-    assert len(nodes) == 2
+    assert len(nodes) == 2, nodes
     rollout = next(n for n, res in nodes.items() if "rollout_node" in res)
     assert set(placement["generation"]) == {rollout}
     assert rollout not in placement["trainer"]

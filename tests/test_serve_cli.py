@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port, private_ray_head, run_cli
+from conftest import free_port, run_cli
 
 CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0}
 
@@ -64,42 +64,42 @@ def _stop(proc: subprocess.Popen) -> int:
 
 
 @pytest.mark.slow
-def test_lmflow_ray_serve_and_serve_run(tmp_path, repo, tiny_llama):
-    with private_ray_head() as (env, gcs, _):
-        env = {**env, "RAY_ADDRESS": gcs}
-        # 1. lmflow-ray serve, with an API key from the environment.
-        port = free_port()
-        log = open(tmp_path / "serve.log", "w+")
-        proc = subprocess.Popen([sys.executable, "-m", "lmflow_ray", "serve", "--model", "tiny-llama", "--port", str(port)],
-                                env={**env, "LMFLOW_RAY_API_KEY": "sekret"}, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, proc)
-            while "ready in" not in (tmp_path / "serve.log").read_text():
-                time.sleep(1)
-            assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60).status_code == 401
-            r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sekret"}, timeout=120)
-            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
-        finally:
-            rc = _stop(proc)
-        log.seek(0)
-        assert rc == 0 and "ready in" in log.read()
+def test_lmflow_ray_serve_and_serve_run(tmp_path, repo, tiny_llama, shared_head):
+    env, gcs, _ = shared_head
+    env = {**env, "RAY_ADDRESS": gcs}
+    # 1. lmflow-ray serve, with an API key from the environment.
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "lmflow_ray", "serve", "--model", "tiny-llama", "--port", str(port)],
+                            env={**env, "LMFLOW_RAY_API_KEY": "sekret"}, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        while "ready in" not in (tmp_path / "serve.log").read_text():
+            time.sleep(1)
+        assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60).status_code == 401
+        r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sekret"}, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    finally:
+        rc = _stop(proc)
+    log.seek(0)
+    assert rc == 0 and "ready in" in log.read()
 
-        # 2. Ray Serve's CLI on our YAML (with a free port in place of 8000).
-        port = free_port()
-        cfg = yaml.safe_load((repo / "serve" / "tiny.yaml").read_text())
-        cfg["http_options"]["port"] = port
-        (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-        serve_bin = str(Path(sys.executable).parent / "serve")
-        proc = subprocess.Popen([serve_bin, "run", str(tmp_path / "tiny.yaml")], env=env, cwd=repo,
-                                stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(url, proc)
-            models = httpx.get(f"{url}/v1/models", timeout=30).json()
-            assert [m["id"] for m in models["data"]] == ["tiny-llama"]
-            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "the cat", "max_tokens": 4},
-                           timeout=120)
-            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
-        finally:
-            _stop(proc)
+    # 2. Ray Serve's CLI on our YAML (with a free port in place of 8000).
+    port = free_port()
+    cfg = yaml.safe_load((repo / "serve" / "tiny.yaml").read_text())
+    cfg["http_options"]["port"] = port
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    serve_bin = str(Path(sys.executable).parent / "serve")
+    proc = subprocess.Popen([serve_bin, "run", str(tmp_path / "tiny.yaml")], env=env, cwd=repo,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()
+        assert [m["id"] for m in models["data"]] == ["tiny-llama"]
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "the cat", "max_tokens": 4},
+                       timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finally:
+        _stop(proc)
