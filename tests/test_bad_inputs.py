@@ -148,6 +148,8 @@ def test_eval_metrics_and_model_checked_first(capsys, tmp_path, tiny_llama):
     line = run(capsys, "eval", "--model", str(a_file), "--data", data, "--out", str(tmp_path / "r.json"))
     assert "model not found" in line and str(a_file) in line  # not "--metrics reward needs --reward"
     assert not (tmp_path / "r.json").exists()
+    assert "--batch-size must be >= 1" in run(capsys, "eval", "--model", "tiny-llama", "--data", data,
+                                              "--batch-size", "0", "--out", str(tmp_path / "r.json"))
 
 
 def test_config_that_is_a_directory(capsys, tmp_path):

@@ -22,6 +22,7 @@ end) when the run finishes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -56,7 +57,7 @@ class Graph:
         from lmflow_ray.models.zoo import resolve_model
         from lmflow_ray.runtime import init_ray
 
-        self.checkpoint_dir = None
+        self.checkpoint_dir, self.iteration = None, 0
         if cfg.resume_from:
             if Path(cfg.resume_from).resolve() != out.resolve():
                 raise UserError(f"resume_from {cfg.resume_from} continues that run in place: set output_dir to it too")
@@ -232,6 +233,27 @@ class Graph:
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     return name
         return "trainer" if isinstance(err, ray.exceptions.RayActorError) and "TrainerActor" in str(err) else None
+
+    @contextlib.contextmanager
+    def running(self):
+        """Around a run's iteration loop: any failure releases every actor, trainer and placement group,
+        and a graph process that died becomes one line naming the checkpoint to resume from."""
+        try:
+            yield self
+        except BaseException as e:
+            replacement = self.failed(e, self.iteration)
+            if replacement is e:
+                raise
+            raise replacement from None
+
+    def iterations(self, first: int, last: int, budget_s: float | None):
+        """Iteration numbers first..last; none starts after `budget_s` seconds (compare methods at equal time)."""
+        for it in range(first, last + 1):
+            if it > first and self.out_of_time(budget_s):
+                print(f"[lmflow-ray] time budget of {budget_s:.0f}s spent after {it - 1} iterations", flush=True)
+                return
+            self.iteration = it
+            yield it
 
     def out_of_time(self, budget_s: float | None) -> bool:
         return budget_s is not None and time.time() - self.started >= budget_s

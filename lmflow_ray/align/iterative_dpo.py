@@ -54,13 +54,9 @@ def run_iterative_dpo(cfg: IterativeDPOConfig) -> list[dict]:
     # The reference's log-probs arrive with the pairs: no reference copy on the trainer ranks.
     dpo = {**cfg.dpo.model_dump(), "reference": "precompute"}
     graph = Graph(cfg, out, "dpo", total, trainer_overrides={"kind": "dpo", "dpo": dpo})
-    it = 0
-    try:
+    with graph.running():
         first, _ = graph.restore()
-        for it in range(first, d.iterations + 1):
-            if it > first and graph.out_of_time(d.time_budget_s):
-                print(f"[lmflow-ray] time budget of {d.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
-                break
+        for it in graph.iterations(first, d.iterations, d.time_budget_s):
             roll = graph.rollout(graph.prompts(it, d.prompts_per_iteration), k, d.seed + it)
             got = graph.score(roll)
             scores = got["scores"]
@@ -76,11 +72,6 @@ def run_iterative_dpo(cfg: IterativeDPOConfig) -> list[dict]:
                               f"acc {row.get('reward_accuracy', float('nan')):.2f} kl {kl:.3f} "
                               f"gen {row['gen_s']:.1f}s train {row.get('train_s', 0):.1f}s")
             graph.checkpoint(it)
-    except BaseException as e:
-        replacement = graph.failed(e, it)  # actors, trainers and placement group go, whatever failed
-        if replacement is e:
-            raise
-        raise replacement from None
     return graph.finish("iterative-dpo", {"reward_mean": "mean sample reward"})
 
 

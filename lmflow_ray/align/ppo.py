@@ -101,17 +101,13 @@ def run_ppo(cfg: PPOConfig) -> list[dict]:
         critic_setup = (critic_cfg, critic_plan)
     # No LoRA dropout: the old log-probs (eval mode) and the first step's (train mode) must agree (ratio 1).
     graph = Graph(cfg, out, "policy-gradient", total, settings, {"lora": {**cfg.lora.model_dump(), "dropout": 0.0}})
-    it = 0
-    try:
+    with graph.running():
         if critic_setup:
             graph.add_trainer("critic", "value", *critic_setup)
         kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
         first, extra = graph.restore()
         kl_ctl.value = extra.get("kl_coef", kl_ctl.value)
-        for it in range(first, p.iterations + 1):
-            if it > first and graph.out_of_time(p.time_budget_s):
-                print(f"[lmflow-ray] time budget of {p.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
-                break
+        for it in graph.iterations(first, p.iterations, p.time_budget_s):
             batch = graph.prompts(it, p.prompts_per_iteration)
             roll = graph.rollout(batch, k, p.seed + it)
             got = graph.score(roll, policy_logps=True)
@@ -138,11 +134,6 @@ def run_ppo(cfg: PPOConfig) -> list[dict]:
                               f"gen {row['gen_s']:.1f}s score {row['score_s']:.1f}s train {row['train_s']:.1f}s "
                               f"sync {row['sync_s']:.1f}s")
             graph.checkpoint(it, {"kl_coef": kl_ctl.value})
-    except BaseException as e:
-        replacement = graph.failed(e, it)  # actors, trainers and placement group go, whatever failed
-        if replacement is e:
-            raise
-        raise replacement from None
     return graph.finish(p.estimator, {"reward_mean": "mean sample reward"})
 
 

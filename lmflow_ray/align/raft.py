@@ -60,14 +60,10 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
     # The LR schedule spans the run: at most prompts x keep_top rows per iteration.
     total = r.iterations * cfg.train.num_epochs * max(1, r.prompts_per_iteration * r.keep_top // per_step)
     graph = Graph(cfg, Path(cfg.output_dir), "finetune", total)
-    it = 0
-    try:
+    with graph.running():
         first, _ = graph.restore()
         pending = graph.submit(graph.prompts(first, r.prompts_per_iteration), r.samples_per_prompt, r.seed + first)
-        for it in range(first, r.iterations + 1):
-            if it > first and graph.out_of_time(r.time_budget_s):
-                print(f"[lmflow-ray] time budget of {r.time_budget_s:.0f}s spent after {it - 1} iterations", flush=True)
-                break
+        for it in graph.iterations(first, r.iterations, r.time_budget_s):
             if pending is None:
                 pending = graph.submit(graph.prompts(it, r.prompts_per_iteration), r.samples_per_prompt, r.seed + it)
             batch, stale = pending["batch"], pending["weights"] != weights_id(graph.weights)
@@ -93,11 +89,6 @@ def run_raft(cfg: RaftConfig) -> list[dict]:
                               f"score {row['score_s']:.1f}s train {row.get('train_s', 0):.1f}s "
                               f"sync {row.get('sync_s', 0):.1f}s")
             graph.checkpoint(it)
-    except BaseException as e:
-        replacement = graph.failed(e, it)  # actors, trainers and placement group go, whatever failed
-        if replacement is e:
-            raise
-        raise replacement from None
     return graph.finish("raft", {"reward_mean": "mean sample reward", "reward_kept_mean": "kept samples"})
 
 

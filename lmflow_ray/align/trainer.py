@@ -183,6 +183,8 @@ class TrainerActor:
             state = module.state_dict()
         if self.rank != 0:
             return None
+        if not adapter_only and getattr(module.config, "tie_word_embeddings", False):
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # it is the embeddings: sent once
         # Copies: under ZeRO-1/2 every parameter is a view into one flat buffer, and pickling a view
         # (ray.put) writes its whole storage, i.e. the whole model once per tensor.
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

@@ -66,6 +66,8 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise UserError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     resolve_model(model)  # a bad --model is named first, before what depends on it
     if "reward" in metrics and not reward:
         raise UserError("--metrics reward needs --reward (a reward model dir or module:function)")
