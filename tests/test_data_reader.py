@@ -165,10 +165,11 @@ def expected_lengths(instances: list[dict], dtype: str, tokenizer) -> tuple[np.n
     return np.array([len(ids) for ids in out["input_ids"]]), np.array(learned)
 
 
-def test_cli_stats_on_sft_tiny(tokenizer):
-    proc = run_cli("data", "stats", "examples/data/sft_tiny.json", "--model", "tiny-llama", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads(proc.stdout)
+def test_cli_stats_on_sft_tiny(ray_session, tokenizer, capsys):
+    from lmflow_ray.cli import main
+
+    assert main(["data", "stats", str(REPO / "examples/data/sft_tiny.json"), "--model", "tiny-llama"]) == 0
+    stats = json.loads(capsys.readouterr().out)
     instances = json.loads((REPO / "examples/data/sft_tiny.json").read_text())["instances"]
     lengths, learned = expected_lengths(instances, "conversation", tokenizer)
     assert (stats["type"], stats["instances"], stats["tokens_total"]) == ("conversation", len(instances), lengths.sum())

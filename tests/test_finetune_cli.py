@@ -90,7 +90,7 @@ def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama, shared_head):
         proc = subprocess.run(
             [ray, "job", "submit", "--address", address, "--working-dir", str(repo), "--",
              "python", "jobs/finetune.py", "--config", "configs/sft_tiny_zero3.yaml",
-             "--set", f"output_dir={out}", "--set", "train.num_epochs=1"],
+             "--set", f"output_dir={out}", "--set", "train.num_epochs=1", "--set", "train.max_steps=4"],
             env=env, capture_output=True, text=True, timeout=900)
         if "No available agent" not in proc.stderr + proc.stdout or time.time() > deadline:
             break
@@ -105,4 +105,4 @@ def test_ray_job_submit_finetune(tmp_path, repo, tiny_llama, shared_head):
     for name in ("model/config.json", "model/model.safetensors", "metrics.jsonl", "run.json"):
         assert (out / name).exists(), name
     run = json.loads((out / "run.json").read_text())
-    assert run["final"]["step"] == run["plan"]["total_steps"] == 16
+    assert run["final"]["step"] == run["plan"]["total_steps"] == 4

@@ -123,13 +123,13 @@ def test_dead_trainer_ends_the_run_naming_the_checkpoint(ray_session, repo, tmp_
                       [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
                        "ppo.estimator=grpo", "ppo.iterations=30", "save_iterations=1"])
     flt = [("class_name", "=", "TrainerActor"), ("state", "=", "ALIVE")]
-    earlier = {a.actor_id for a in list_actors(filters=flt, limit=10000)}
+    earlier = {a.actor_id for a in list_actors(address=_session_address(), filters=flt, limit=10000)}
 
     def kill_after_first_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline and not (out / "checkpoints" / "iter_001").exists():
             time.sleep(0.2)
-        for a in list_actors(filters=flt, limit=10000):
+        for a in list_actors(address=_session_address(), filters=flt, limit=10000):
             if a.actor_id not in earlier and a.pid:
                 os.kill(a.pid, signal.SIGKILL)
 
@@ -139,3 +139,11 @@ def test_dead_trainer_ends_the_run_naming_the_checkpoint(ray_session, repo, tmp_
                                              r"\(last checkpoint: iter_\d\d\d\)"):
         run_ppo(cfg)
     killer.join(timeout=5)
+
+
+def _session_address() -> str:
+    """This session's cluster, named: with another Ray head on the machine (tests' shared head) the state
+    API cannot pick one by itself."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address

@@ -195,16 +195,16 @@ def test_generation_actor_killed_mid_iteration_the_iteration_completes(ray_sessi
                        "raft.iterations=1", "raft.prompts_per_iteration=16", "generation.max_tokens=300",
                        "train.num_epochs=1"])
     flt = [("class_name", "=", "GenerationActor")]
-    earlier = {a.actor_id for a in list_actors(filters=flt, limit=10000)}
+    earlier = {a.actor_id for a in list_actors(address=_session_address(), filters=flt, limit=10000)}
     killed = {}
 
     def kill_when_generating():
         # Kill while a `generate` call of this run's actor runs (16 prompts x 4 samples x 300 tokens).
         deadline = time.time() + 180
         while time.time() < deadline:
-            running = {t.actor_id for t in list_tasks(filters=[("func_or_class_name", "=", "GenerationActor.generate"),
-                                                               ("state", "=", "RUNNING")], limit=10000)}
-            for a in list_actors(filters=flt, limit=10000):
+            generating = [("func_or_class_name", "=", "GenerationActor.generate"), ("state", "=", "RUNNING")]
+            running = {t.actor_id for t in list_tasks(address=_session_address(), filters=generating, limit=10000)}
+            for a in list_actors(address=_session_address(), filters=flt, limit=10000):
                 if a.actor_id in running and a.actor_id not in earlier and a.pid and a.state == "ALIVE":
                     try:
                         os.kill(a.pid, signal.SIGKILL)
@@ -220,4 +220,12 @@ def test_generation_actor_killed_mid_iteration_the_iteration_completes(ray_sessi
     killer.join(timeout=5)
     assert "id" in killed, "the generation actor never came up"
     assert [r["iteration"] for r in rows] == [1] and "sync_s" in rows[0]
-    assert list_actors(filters=[("actor_id", "=", killed["id"])], detail=True)[0].num_restarts >= 1
+    assert list_actors(address=_session_address(), filters=[("actor_id", "=", killed["id"])], detail=True)[0].num_restarts >= 1
+
+
+def _session_address() -> str:
+    """This session's cluster, named: with another Ray head on the machine (tests' shared head) the state
+    API cannot pick one by itself."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
