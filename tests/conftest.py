@@ -135,6 +135,6 @@ def stop_head(temp: Path) -> None:
     procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
     for p in procs:
         p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=20)
+    _, alive = psutil.wait_procs(procs, timeout=5)  # Ray's processes that ignore SIGTERM are killed after
     for p in alive:
         p.kill()
