@@ -118,37 +118,25 @@ class TrainerActor:
 
     # ------------------------------------------------------------------ scoring with the engine
 
-    def _per_token(self, fn, prompt_ids: list, response_ids: list, batch_size: int = 8) -> list[list[float]]:
-        """fn(ids, mask) -> (B, L - 1) on this rank's share; every rank runs the same number of forwards
-        (ZeRO-3 gathers parameters collectively), padding with a dummy row where its share ran out."""
-        import torch
+    def _per_token(self, fn, prompt_ids: list, response_ids: list) -> list[list[float]]:
+        """fn(ids, mask) -> (B, L - 1) over this rank's share (rows rank::world). Every rank runs the same
+        number of forwards (ZeRO-3 gathers parameters collectively): a short share is padded with dummy rows."""
+        from lmflow_ray.align.actors import _per_response_token
 
         mine = list(range(self.rank, len(prompt_ids), self.world))
-        per_rank = -(-len(prompt_ids) // self.world)
-        out: dict[int, list[float]] = {}
-        dev = self.engine.device
+        dummies = -(-len(prompt_ids) // self.world) - len(mine)
         pad = self.plan["pad_id"]
         self.engine.module.eval()
-        for s in range(0, max(per_rank, 1), batch_size):
-            idx = mine[s:s + batch_size]
-            rows = [prompt_ids[i] + response_ids[i] for i in idx] or [[pad, pad]]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(rows):
-                ids[j, :len(r)], mask[j, :len(r)] = torch.as_tensor(r), 1
-            with torch.no_grad():
-                grid = fn(ids.to(dev), mask.to(dev)).float().cpu()
-            for j, i in enumerate(idx):
-                p = len(prompt_ids[i])
-                out[i] = grid[j, p - 1:p + len(response_ids[i]) - 1].tolist()
-        return [out[i] for i in mine]
+        out = _per_response_token(fn, pad, [prompt_ids[i] for i in mine] + [[pad]] * dummies,
+                                  [response_ids[i] for i in mine] + [[pad]] * dummies)
+        return out[:len(mine)]
 
     def logps(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
         """log p(token | prefix) of every response token under the current policy (this rank's share)."""
         import torch
 
         def fn(ids, mask):
+            ids, mask = ids.to(self.engine.device), mask.to(self.engine.device)
             logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
@@ -157,6 +145,7 @@ class TrainerActor:
     def values(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
         """The critic's value at every response token (this rank's share)."""
         def fn(ids, mask):
+            ids, mask = ids.to(self.engine.device), mask.to(self.engine.device)
             return self.engine(input_ids=ids, attention_mask=mask).logits.squeeze(-1)[:, :-1]
 
         return self._per_token(fn, prompt_ids, response_ids)
