@@ -1,14 +1,9 @@
-"""Entry point for `ray job submit ... -- python jobs/finetune.py --config configs/X.yaml [--set k=v]`.
+"""`lmflow-ray finetune ...` as a Ray job:
 
-Inside a Ray job RAY_ADDRESS is set, so the run joins the submitting cluster.
+    ray job submit --working-dir . -- python jobs/finetune.py --config F [--set KEY=VALUE ...]
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir holds lmflow_ray/
-
-from lmflow_ray.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["finetune", *sys.argv[1:]]))
+    run("finetune")

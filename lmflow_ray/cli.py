@@ -11,6 +11,9 @@ import sys
 
 from lmflow_ray.errors import UserError
 
+# The commands that run as Ray jobs: each has one entry point, jobs/KIND.py (`-` as `_`).
+JOB_KINDS = ("finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "eval", "infer")
+
 
 def cmd_data_validate(args) -> int:
     from lmflow_ray.data.source import validate
