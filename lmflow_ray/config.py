@@ -267,6 +267,10 @@ class FinetuneConfig(JobConfig):
     resume_from: str | None = None
     # Restarts of the worker group after a worker dies (from the last checkpoint).
     max_failures: AtLeast0 = 0
+    # Where Ray Train keeps the checkpoints (default OUT/checkpoints): a pyarrow filesystem URI that every
+    # node reaches (s3://bucket/ckpt, gs://..., hdfs://..., file:///mnt/shared/ckpt), so that a run outlives
+    # the node that wrote them. `resume_from: OUT` finds them through OUT/storage.json.
+    storage_path: str | None = None
     # Long context: a transformers rope_scaling dict, e.g. {rope_type: linear, factor: 4.0}
     # (linear position interpolation), {rope_type: dynamic, factor: 4.0} (dynamic NTK) or
     # {rope_type: yarn, factor: 4.0}. Train with data.max_length up to factor x the model's context.

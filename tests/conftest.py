@@ -84,7 +84,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dict | None = None):
+def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dict | None = None,
+                     args: tuple[str, ...] = (), extra_env: dict | None = None, port: int | None = None):
     """A separate Ray head on free ports for CLI tests (`ray job submit`, `serve run`).
 
     Yields (env, gcs_address, dashboard_url). Every port is free-picked: the session's own
@@ -99,7 +100,7 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dic
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = free_port(), free_port()
+    port, dash = port or free_port(), free_port()
     ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
@@ -108,8 +109,8 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dic
     temp = temp or Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     subprocess.run([str(Path(venv_bin) / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                    "--disable-usage-stats", *ports, *([f"--resources={json.dumps(resources)}"] if resources else [])],
-                   check=True, env=env, capture_output=True, timeout=180)
+                    "--disable-usage-stats", *ports, *([f"--resources={json.dumps(resources)}"] if resources else []), *args],
+                   check=True, env={**env, **(extra_env or {})}, capture_output=True, timeout=180)
     try:
         yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:

@@ -42,7 +42,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def check_saved_model(out: Path) -> None:
+def check_saved_model(out: Path, checkpoints: Path | None = None) -> None:
     """OUT/model reloads with plain transformers and gives the in-memory model's logits."""
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +56,7 @@ def check_saved_model(out: Path) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (out / "model" / name).is_file()
     assert (out / "loss.png").stat().st_size > 1000
-    assert list((out / "checkpoints").glob("*/checkpoint_*"))
+    assert list((checkpoints or out / "checkpoints").glob("*/checkpoint_*"))
 
 
 def assert_loss_falls(rows: list[dict], factor: float = 0.7) -> None:
@@ -153,7 +153,7 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-def kill_a_worker_after(out: Path, step: int) -> dict:
+def kill_a_worker_after(out: Path, step: int, checkpoints: Path | None = None) -> dict:
     """Start a thread that SIGKILLs one Ray Train worker once `step` is logged and a checkpoint exists."""
     killed: dict = {}
 
@@ -161,7 +161,7 @@ def kill_a_worker_after(out: Path, step: int) -> dict:
         deadline = time.time() + 600
         while time.time() < deadline:
             rows = metrics(out) if (out / "metrics.jsonl").exists() else []
-            ckpts = list((out / "checkpoints").glob("*/checkpoint_*")) if out.exists() else []
+            ckpts = list((checkpoints or out / "checkpoints").glob("*/checkpoint_*"))
             if ckpts and rows and rows[-1]["step"] >= step:
                 pids = _train_worker_pids()
                 if pids:
@@ -176,22 +176,25 @@ def kill_a_worker_after(out: Path, step: int) -> dict:
 
 
 def test_resume_after_crash_continues_step_count_schedule_and_data(ray_session, repo, tmp_path, reference_zero2):
-    """A run that dies (no retries left) is continued with resume_from: OUT."""
-    out = tmp_path / "out"
-    killed = kill_a_worker_after(out, 12)
+    """A run that dies (no retries left) is continued with resume_from: OUT. Its checkpoints live on
+    "remote" storage given as a URI (storage_path: file://... stands for s3:// here), not under OUT."""
+    out, store = tmp_path / "out", tmp_path / "shared-storage"
+    killed = kill_a_worker_after(out, 12, checkpoints=store)
+    sets = {"train.save_steps": 4, "storage_path": f"file://{store}"}
     with pytest.raises(Exception):  # noqa: B017 - Ray's failure type is not part of our contract
-        run_finetune(make_cfg(repo, out, **{"train.save_steps": 4}))
+        run_finetune(make_cfg(repo, out, **sets))
     killed["thread"].join(timeout=5)
     assert 12 <= killed["step"] < 32
-    run = run_finetune(make_cfg(repo, out, resume_from=str(out), **{"train.save_steps": 4}))
-    assert run["resumed_from"] and run["final"]["step"] == 32
+    assert list(store.glob("out-*/checkpoint_*")) and not (out / "checkpoints").exists()
+    run = run_finetune(make_cfg(repo, out, resume_from=str(out), **sets))
+    assert run["resumed_from"].startswith(f"file://{store}/out-") and run["final"]["step"] == 32
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 33))  # continued in place, no step logged twice
     ref = {r["step"]: r for r in metrics(reference_zero2)}
     # Same schedule as the uninterrupted run: scheduler and step count were restored.
     assert all(r["lr"] == pytest.approx(ref[r["step"]]["lr"], rel=1e-6) for r in rows)
     assert rows[-1]["loss"] == pytest.approx(ref[32]["loss"], rel=0.15)
-    check_saved_model(out)
+    check_saved_model(out, checkpoints=store)
 
 
 def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_path, reference_zero2):

@@ -75,3 +75,9 @@ def test_config_file_errors(tmp_path):
     assert proc.returncode == 2 and f"{bad}:" in proc.stderr and "invalid YAML" in proc.stderr
     proc = run_cli("finetune", "--config", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_storage_path_that_no_filesystem_opens(tmp_path, tiny_llama):
+    proc = run_cli("finetune", "--config", str(write_cfg(tmp_path, BASE)), "--set", "storage_path=nosuch://bucket/x")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: storage_path: nosuch://bucket/x is not a storage URI")
+    assert not (tmp_path / "out").exists()

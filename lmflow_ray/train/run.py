@@ -21,6 +21,31 @@ from lmflow_ray.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_NAME = "ray_train"
+STORAGE_FILE = "storage.json"  # OUT/storage.json: where this run's checkpoints live when not under OUT
+
+
+def checkpoint_root(cfg: FinetuneConfig, out: Path) -> tuple[str, str]:
+    """(storage_path, run name) for Ray Train. Default: OUT/checkpoints/ray_train. With `storage_path`
+    (any pyarrow filesystem URI: s3://, gs://, hdfs://, file:// on a shared mount) the checkpoints go
+    to STORAGE/<output dir name>-<hash of its path>, where they outlive the node that wrote them."""
+    if not cfg.storage_path:
+        return str(out / "checkpoints"), RUN_NAME
+    import hashlib
+
+    return cfg.storage_path.rstrip("/"), f"{out.name}-{hashlib.sha1(str(out).encode()).hexdigest()[:8]}"
+
+
+def _filesystem(path: str, key: str = "storage_path"):
+    """(pyarrow filesystem, path in it) for a local path or a URI; `key` names the setting in errors."""
+    import pyarrow.fs
+
+    if "://" in path:
+        try:
+            return pyarrow.fs.FileSystem.from_uri(path)
+        except (pyarrow.ArrowInvalid, OSError) as e:
+            raise UserError(f"{key}: {path} is not a storage URI pyarrow can open ({e}); use a local path, file://, "
+                            "s3://, gs:// or hdfs://") from None
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
 
 
 def resolve_deepspeed(spec: str) -> dict:
@@ -59,18 +84,32 @@ def fill_deepspeed(ds: dict, cfg: FinetuneConfig, bf16: bool) -> dict:
     return ds
 
 
-def find_checkpoint(path: str) -> Path:
-    """The newest Ray Train checkpoint under a run's output dir (or the checkpoint dir itself)."""
-    p = Path(path)
-    if (p / "trainer_state.json").is_file():
-        return p
-    found = sorted(
-        (c for c in p.glob("**/checkpoint_*") if (c / "trainer_state.json").is_file()),
-        key=lambda c: json.loads((c / "trainer_state.json").read_text())["step"],
-    )
+def find_checkpoint(path: str) -> str:
+    """The newest Ray Train checkpoint of a run: under its output dir, in the storage its
+    OUT/storage.json names, or the checkpoint dir itself; local paths and storage URIs alike."""
+    import pyarrow.fs
+
+    if "://" not in path and (Path(path) / STORAGE_FILE).is_file():
+        path = json.loads((Path(path) / STORAGE_FILE).read_text())["checkpoints"]
+    fs, root = _filesystem(path, "resume_from")
+    scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+
+    def step(state_file: str) -> int:
+        with fs.open_input_stream(state_file) as f:
+            return json.loads(f.read())["step"]
+
+    if fs.get_file_info(f"{root}/trainer_state.json").type == pyarrow.fs.FileType.File:
+        return path
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise UserError(f"resume_from: cannot list {path} ({e})") from None
+    found = sorted((i.path for i in infos if i.base_name == "trainer_state.json"
+                    and Path(i.path).parent.name.startswith("checkpoint_")), key=step)
     if not found:
-        raise UserError(f"resume_from: no checkpoint found under {p}; pass a finetune output dir that has checkpoints/")
-    return found[-1]
+        raise UserError(f"resume_from: no checkpoint found under {path}; pass a finetune output dir that has "
+                        "checkpoints/ (or the storage_path URI of its checkpoints)")
+    return scheme + str(Path(found[-1]).parent)
 
 
 def preflight(cfg: FinetuneConfig) -> dict:
@@ -92,10 +131,12 @@ def preflight(cfg: FinetuneConfig) -> dict:
         raise UserError(f"lisa.enabled needs deepspeed: zero0 (got ZeRO stage {stage}); LISA already trains "
                         "only a few layers, so sharding buys little")
     out = Path(cfg.output_dir)
+    if cfg.storage_path:
+        _filesystem(cfg.storage_path)
     resume = None
     if cfg.resume_from:
         resume = find_checkpoint(cfg.resume_from)
-    elif out.exists() and ((out / "run.json").exists() or (out / "checkpoints").exists()):
+    elif out.exists() and any((out / name).exists() for name in ("run.json", "checkpoints", STORAGE_FILE)):
         raise UserError(f"output_dir {out} already holds a run; set resume_from: {out} to continue it, "
                         "or choose a new output_dir")
     model_path = resolve_model(cfg.model)
@@ -253,13 +294,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
           f"{steps_per_epoch} steps/epoch, {total} steps"
           + (f", {info['eval_rows']} eval rows" if info["eval_rows"] else ""), flush=True)
     resume = pre["resume"]
+    storage, run_name = checkpoint_root(cfg, out)
+    if cfg.storage_path:  # `resume_from: OUT` finds them there
+        (out / STORAGE_FILE).write_text(json.dumps({"checkpoints": f"{storage}/{run_name}"}) + "\n")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
         run_config=RunConfig(
-            name=RUN_NAME, storage_path=str(out / "checkpoints"),
+            name=run_name, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -298,6 +342,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "resumed_from": str(resume) if resume else None,
         "start_time": started, "end_time": time.time(), "final": final,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint_storage": f"{storage}/{run_name}",
     }
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(run, indent=2, default=str))
