@@ -247,11 +247,41 @@ class LisaSettings(Strict):
 
 
 class ScalingSettings(Strict):
+    # Data-parallel workers: a number, or [min, max] for an elastic run (finetune / reward-model / dpo):
+    # Ray Train starts as many as fit up to max and, when a node is lost, continues from the last
+    # checkpoint with the workers that remain (at least min), keeping the global batch.
     num_workers: AtLeast1 = 1
+    min_workers: AtLeast1 | None = None
     use_gpu: bool = False
     cpus_per_worker: Positive = 1.0
     # Custom Ray resources per worker (an RL trainer rank), e.g. {trainer_node: 1}.
     resources: dict[str, Positive] = {}
+    # Ray Train's worker placement: PACK (default: few nodes) or SPREAD (one per node where possible).
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data):
+        workers = data.get("num_workers") if isinstance(data, dict) else None
+        if isinstance(workers, list | tuple):
+            if len(workers) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) for w in workers) \
+                    or not 1 <= workers[0] <= workers[1]:
+                raise ValueError(f"num_workers: a number or [min, max] with 1 <= min <= max, got {list(workers)}")
+            data = {**data, "num_workers": workers[1], "min_workers": workers[0]}
+        return data
+
+    @model_validator(mode="after")
+    def _min(self):
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) > num_workers ({self.num_workers})")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def worker_counts(self) -> range:
+        return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
 
 
 class FinetuneConfig(JobConfig):
@@ -281,12 +311,16 @@ class FinetuneConfig(JobConfig):
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
         t, s = self.train, self.scaling
-        per_step = t.micro_batch_size * s.num_workers
-        if t.global_batch_size is not None and t.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
-                f"({t.micro_batch_size}) x num_workers ({s.num_workers}) = {per_step}; pick a multiple of {per_step}"
-            )
+        for workers in s.worker_counts():  # an elastic run keeps the global batch at every worker count
+            per_step = t.micro_batch_size * workers
+            if t.global_batch_size is not None and t.global_batch_size % per_step:
+                raise ValueError(
+                    f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+                    f"({t.micro_batch_size}) x num_workers ({workers}) = {per_step}; pick a multiple of {per_step}"
+                )
+        if s.elastic and t.global_batch_size is None:
+            raise ValueError("scaling.num_workers [min, max] (elastic) needs train.global_batch_size, so that the "
+                             "global batch stays the same when workers come and go")
         if self.lora.enabled and self.lisa.enabled:
             raise ValueError("lora.enabled and lisa.enabled are exclusive; enable one")
         if self.lora.qlora and not self.lora.enabled:
@@ -408,6 +442,13 @@ class AlignConfig(JobConfig):
     save_iterations: AtLeast0 = 0
     # Continue a run from its output dir's last checkpoint (the same output_dir; numbering and prompt order go on).
     resume_from: str | None = None
+
+    @model_validator(mode="after")
+    def _fixed_trainer(self):
+        if self.scaling.elastic:
+            raise ValueError("scaling.num_workers [min, max] (elastic) is for finetune / reward-model / dpo; the RL "
+                             "trainer group keeps a fixed size (resume a stopped run with resume_from)")
+        return self
 
 
 class RaftConfig(AlignConfig):

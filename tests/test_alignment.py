@@ -115,19 +115,22 @@ def test_dpo_with_lora_uses_the_base_as_reference(ray_session, repo, tmp_path, t
     assert (out / "model" / "adapter_config.json").is_file()
 
 
-def test_bad_preference_data(tmp_path, repo, capsys):
+def test_bad_preference_data(ray_session, tmp_path, repo, capsys):
+    from lmflow_ray.cli import main
+
     good = json.loads((repo / "examples/data/preference_t2t_tiny.json").read_text())["instances"][:20]
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps({"type": "paired_text_to_text", "instances": good + [
         {"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "", "rejected": "x"}]}))
     out = tmp_path / "out"
-    proc = run_cli("reward-model", "--config", str(repo / "configs/rm_tiny.yaml"), "--set", f"output_dir={out}",
-                   "--set", f"data.path={data}", "--set", "data.eval_split=0", "--set", "train.num_epochs=1",
-                   "--set", "scaling.num_workers=1", "--set", "train.global_batch_size=8",
-                   # A LoRA reward model (adapters + the score head) on the way: it must reload and score.
-                   "--set", "lora.enabled=true", "--set", "lora.target_modules=[q_proj,v_proj]", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "skipped pairs: {'identical': 1, 'empty': 1}" in proc.stdout
+    code = main(["reward-model", "--config", str(repo / "configs/rm_tiny.yaml"), "--set", f"output_dir={out}",
+                 "--set", f"data.path={data}", "--set", "data.eval_split=0", "--set", "train.num_epochs=1",
+                 "--set", "scaling.num_workers=1", "--set", "train.global_batch_size=8",
+                 # A LoRA reward model (adapters + the score head) on the way: it must reload and score.
+                 "--set", "lora.enabled=true", "--set", "lora.target_modules=[q_proj,v_proj]"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "skipped pairs: {'identical': 1, 'empty': 1}" in printed.out
     run = json.loads((out / "run.json").read_text())
     assert run["data"]["rows"] == 20 and run["data"]["skipped_pairs"]["identical"] == 1
     assert run["final"]["save_check_max_abs_diff"] < 1e-5 and (out / "model" / "adapter_config.json").is_file()

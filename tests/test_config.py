@@ -44,3 +44,33 @@ def test_missing_required_key(tmp_path):
     p.write_text("model: tiny-llama\noutput_dir: o\n")
     with pytest.raises(UserError, match=r"c.yaml: key 'data': missing required key"):
         load_config(FinetuneConfig, p)
+
+
+def test_elastic_worker_range():
+    cfg = load_config(FinetuneConfig, None, ["scaling.num_workers=[1, 2]", "train.micro_batch_size=4",
+                                             "train.global_batch_size=16"], base=BASE)
+    s = cfg.scaling
+    assert (s.min_workers, s.num_workers, s.elastic, list(s.worker_counts())) == (1, 2, True, [1, 2])
+    assert not load_config(FinetuneConfig, None, ["scaling.num_workers=2"], base=BASE).scaling.elastic
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["scaling.num_workers=[2, 1]"], "1 <= min <= max"),
+    (["scaling.num_workers=[1, 2, 3]"], "a number or [min, max]"),
+    (["scaling.num_workers=[1, 3]", "train.micro_batch_size=4", "train.global_batch_size=8"],
+     "micro_batch_size (4) x num_workers (3)"),  # the global batch must divide at every worker count
+    (["scaling.num_workers=[1, 2]"], "needs train.global_batch_size"),
+    (["scaling.placement_strategy=SPRED"], "scaling.placement_strategy"),
+])
+def test_bad_worker_ranges(sets, message):
+    with pytest.raises(UserError) as e:
+        load_config(FinetuneConfig, None, sets, base=BASE)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rl_trainer_group_is_not_elastic():
+    from lmflow_ray.config import RaftConfig
+
+    with pytest.raises(UserError, match="elastic.*is for finetune"):
+        load_config(RaftConfig, None, ["scaling.num_workers=[1, 2]", "train.global_batch_size=8",
+                                       "train.micro_batch_size=4"], base={**BASE, "reward": "m:f"})

@@ -17,25 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_cfg
 
-from lmflow_ray.config import FinetuneConfig, load_config
 from lmflow_ray.train.run import run_finetune
 
-SFT = "examples/data/sft_tiny.json"
 PRETRAIN = "examples/data/pretrain_tiny.json"
-
-
-def make_cfg(repo: Path, out: Path, data: str = SFT, **sets) -> FinetuneConfig:
-    base = {
-        "model": "tiny-llama",
-        "data": {"path": str(repo / data), "max_length": 128},
-        "output_dir": str(out),
-        "deepspeed": "zero2",
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "train": {"num_epochs": 2, "micro_batch_size": 8, "global_batch_size": 16, "lr": 3e-3,
-                  "warmup_ratio": 0.1, "save_steps": 8},
-    }
-    return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in sets.items()], base=base)
 
 
 def metrics(out: Path) -> list[dict]:
@@ -64,14 +50,6 @@ def assert_loss_falls(rows: list[dict], factor: float = 0.7) -> None:
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < factor * first, (first, last)
-
-
-@pytest.fixture(scope="module")
-def reference_zero2(ray_session, repo, tmp_path_factory, tiny_llama):
-    """An uninterrupted 2-worker ZeRO-2 SFT run (32 steps), the baseline for resume and failure tests."""
-    out = tmp_path_factory.mktemp("ref") / "out"
-    run_finetune(make_cfg(repo, out))
-    return out
 
 
 def test_zero2_two_workers_loss_falls_and_model_reloads(reference_zero2):
@@ -113,7 +91,7 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
         out = tmp_path / f"w{workers}"
         run_finetune(make_cfg(repo, out, data=str(data), **{
             "scaling.num_workers": workers, "train.micro_batch_size": 4, "train.global_batch_size": 8,
-            "train.num_epochs": 1, "train.save_steps": 0, "deepspeed": "zero0"}))
+            "train.num_epochs": 1, "train.max_steps": 1, "train.save_steps": 0, "deepspeed": "zero0"}))
         losses[workers] = metrics(out)[0]["loss"]
 
     from lmflow_ray.data.formats import normalize

@@ -104,7 +104,8 @@ class Graph:
             self.ref = ReferenceActor.options(num_cpus=fa.num_cpus, num_gpus=fa.num_gpus).remote(self.base, 1)
             s = cfg.scaling
             self.trainers["policy"] = TrainerGroup("policy", policy_task, policy_cfg, policy_plan, s.num_workers,
-                                                   s.cpus_per_worker, s.use_gpu, g.placement_timeout_s, s.resources)
+                                                   s.cpus_per_worker, s.use_gpu, g.placement_timeout_s, s.resources,
+                                                   s.placement_strategy)
             self.policy = self.trainers["policy"]
             # Which Ray node each actor runs on (run.json); waits until every actor has started.
             node = lambda a: a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
@@ -125,7 +126,7 @@ class Graph:
 
         s = self.cfg.scaling
         self.trainers[name] = TrainerGroup(name, task, config, plan, s.num_workers, s.cpus_per_worker, s.use_gpu,
-                                           self.cfg.generation.placement_timeout_s, s.resources)
+                                           self.cfg.generation.placement_timeout_s, s.resources, s.placement_strategy)
 
     def close(self) -> None:
         """Release the actors, trainer groups and placement group (also after a failed iteration); idempotent."""

@@ -230,7 +230,8 @@ class TrainerGroup:
     """The driver's handle on one trainer: its actors, their placement group, and the calls on every rank."""
 
     def __init__(self, name: str, task: str, config: dict, plan: dict, num_workers: int, cpus_per_worker: float,
-                 use_gpu: bool, placement_timeout_s: float = 120.0, resources: dict | None = None):
+                 use_gpu: bool, placement_timeout_s: float = 120.0, resources: dict | None = None,
+                 strategy: str = "PACK"):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -238,7 +239,7 @@ class TrainerGroup:
 
         self.name = name
         bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}), **(resources or {})}
-        self.pg = placement_group([bundle] * num_workers, strategy="PACK")
+        self.pg = placement_group([bundle] * num_workers, strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout_s)
         except ray.exceptions.GetTimeoutError:

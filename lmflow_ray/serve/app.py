@@ -347,7 +347,11 @@ def build(cfg: ServeConfig):
     servers, owners, bases = {}, {}, {}
     for i, spec in enumerate(cfg.models):
         opts = {"name": f"Model{i}", "max_ongoing_requests": spec.max_ongoing_requests,
-                "max_queued_requests": spec.max_queued_requests, "ray_actor_options": {"num_cpus": spec.num_cpus}}
+                "max_queued_requests": spec.max_queued_requests,
+                "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
+                                      **({"resources": dict(spec.resources)} if spec.resources else {})}}
+        if spec.max_replicas_per_node:
+            opts["max_replicas_per_node"] = spec.max_replicas_per_node
         if spec.autoscaling:
             opts["autoscaling_config"] = spec.autoscaling.model_dump()
         else:

@@ -80,6 +80,11 @@ class ModelSpec(Strict):
     max_queued_requests: AtLeast1 = 256
     # Ray CPUs reserved per replica and torch threads it uses (None: torch's default).
     num_cpus: NonNegative = 1.0
+    # GPUs per replica (1 for a GPU engine), custom Ray resources (e.g. {gpu_node: 1}) and at most this
+    # many replicas per node (1 spreads them, so losing a node loses one replica).
+    num_gpus: NonNegative = 0.0
+    resources: dict[str, Positive] = {}
+    max_replicas_per_node: AtLeast1 | None = None
     torch_threads: AtLeast1 | None = None
     # vLLM: CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).
     kv_cache_gb: AtLeast1 = 2

@@ -114,8 +114,15 @@ def _save_checkpoint(engine, state: dict, metrics: dict, rank: int):
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(engine, resume_path: str | None):
-    """Latest checkpoint of this run (after a restart), else the one `resume_from` named."""
+def _restore(engine, resume_path: str | None, world: int, rank: int):
+    """Latest checkpoint of this run (after a restart), else the one `resume_from` named.
+
+    An elastic run (or `resume_from` with another num_workers) may come back with another worker
+    count than the checkpoint's. Elastic runs save ZeRO-1/2 shards in DeepSpeed's elastic layout
+    (`elastic_checkpoint`): the fp32 master weights and AdamW moments of every saved rank are
+    merged and re-partitioned over the new ranks. Other checkpoints keep their weights, schedule and
+    step but restart the moments (said on the console).
+    """
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -124,8 +131,42 @@ def _restore(engine, resume_path: str | None):
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+        shards = sorted(Path(d, CHECKPOINT_TAG).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                        key=lambda f: int(f.name.split("_")[3]))
+        if len(shards) in (0, world):
+            engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+        else:
+            _load_resharded(engine, d, shards, world, rank)
         return json.loads(Path(d, STATE_FILE).read_text())
+
+
+def _load_resharded(engine, d: str, shards: list, world: int, rank: int) -> None:
+    """Load a ZeRO-1/2 checkpoint written by `len(shards)` ranks onto `world` ranks."""
+    import torch
+
+    zero = engine._config.zero_config
+    keep = zero.load_from_fp32_weights
+    zero.load_from_fp32_weights = False  # the engine cannot read shards of another layout: module weights first
+    try:
+        engine.load_checkpoint(d, tag=CHECKPOINT_TAG, load_optimizer_states=False)
+    finally:
+        zero.load_from_fp32_weights = keep
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]
+    elastic = not isinstance(states[0]["base_optimizer_state"], dict)
+    for state in states:  # torch's AdamW keeps its step per parameter (restored with the moments), not per group
+        state.setdefault("base_optimizer_state_step", None)
+    if elastic:  # merge every saved rank's fp32 weights and moments, cut them for this layout
+        opt = engine.optimizer
+        keep = opt.elastic_checkpoint
+        opt.elastic_checkpoint = True  # read as elastic even where this run saves rigid shards
+        try:
+            opt.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        finally:
+            opt.elastic_checkpoint = keep
+    if rank == 0:
+        print(f"[lmflow-ray] checkpoint of {len(shards)} workers loaded on {world}: weights, schedule and step "
+              + ("restored, optimizer state re-partitioned" if elastic else "restored; optimizer moments restart (the "
+                 "checkpoint was not written by an elastic run)"), flush=True)
 
 
 def _gather_state_dict(engine, stage: int):
@@ -182,7 +223,10 @@ def train_worker(args: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = Path(plan["output_dir"])
-    gas, steps_per_epoch, total_steps = plan["accumulation"], plan["steps_per_epoch"], plan["total_steps"]
+    steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
+    # The global batch is fixed; an elastic run that lost workers accumulates more micro-batches per step.
+    gas = plan["global_batch"] // (cfg.train.micro_batch_size * world)
+    ds_config = {**plan["ds_config"], "gradient_accumulation_steps": gas, "train_batch_size": plan["global_batch"]}
     torch.manual_seed(cfg.seed)
 
     model = task.build_model()
@@ -191,16 +235,17 @@ def train_worker(args: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=task.param_groups(model),
-        config=plan["ds_config"],
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total_steps)),
         dist_init_required=False,
     )
     stage = plan["ds_config"]["zero_optimization"]["stage"]
     task.setup(engine)
-    state = _restore(engine, plan.get("resume_checkpoint")) or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
+    state = _restore(engine, plan.get("resume_checkpoint"), world, rank) \
+        or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
     log = MetricsLog(out / "metrics.jsonl", state["step"]) if rank == 0 else None
     if rank == 0 and state["step"]:
-        print(f"[lmflow-ray] resumed at step {state['step']} (epoch {state['epoch']})", flush=True)
+        print(f"[lmflow-ray] resumed at step {state['step']} (epoch {state['epoch']}) on {world} worker(s)", flush=True)
     lisa_layers = None
     if cfg.lisa.enabled:
         lisa_layers = lisa_select(engine.module, cfg.lisa.active_layers, state["step"] // cfg.lisa.interval_steps, cfg.seed)

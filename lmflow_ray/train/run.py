@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 from lmflow_ray.config import FinetuneConfig, load_config
-from lmflow_ray.errors import UserError
+from lmflow_ray.errors import RunInterrupted, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_NAME = "ray_train"
@@ -77,6 +78,8 @@ def fill_deepspeed(ds: dict, cfg: FinetuneConfig, bf16: bool) -> dict:
     for key, value in (("lr", t.lr), ("betas", list(t.betas)), ("weight_decay", t.weight_decay)):
         if params.get(key, "auto") == "auto":
             params[key] = value
+    if cfg.scaling.elastic and ds["zero_optimization"].get("stage", 0) in (1, 2):
+        ds["zero_optimization"]["elastic_checkpoint"] = True  # shards re-partitioned when the worker count changes
     if not cfg.scaling.use_gpu:
         params["torch_adam"] = True  # DeepSpeed's fused/CPU Adam needs compiled ops
         ds["zero_optimization"].pop("offload_optimizer", None)
@@ -127,6 +130,9 @@ def preflight(cfg: FinetuneConfig) -> dict:
             raise UserError("lora.qlora needs bitsandbytes; install lmflow-ray[gpu] on the GPU machine") from None
     ds = resolve_deepspeed(cfg.deepspeed)
     stage = ds["zero_optimization"].get("stage", 0)
+    if cfg.scaling.elastic and stage == 3:
+        raise UserError("scaling.num_workers [min, max] (elastic) reloads checkpoints with another worker count, which "
+                        "ZeRO-3 shards cannot do here; use deepspeed: zero2 (or zero0), or a fixed num_workers")
     if cfg.lisa.enabled and stage != 0:
         raise UserError(f"lisa.enabled needs deepspeed: zero0 (got ZeRO stage {stage}); LISA already trains "
                         "only a few layers, so sharding buys little")
@@ -239,6 +245,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise UserError(f"scaling.use_gpu: the Ray cluster has {ray.cluster_resources().get('GPU', 0):.0f} GPUs, "
                         f"{cfg.scaling.num_workers} workers need one each; set scaling.use_gpu: false or add GPUs")
 
+    import ray.train as ray_train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -287,31 +294,46 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "ds_config": fill_deepspeed(pre["ds"], cfg, bf16), "bf16": bf16, "pad_id": tokenizer.pad_token_id,
         "resume_checkpoint": str(pre["resume"]) if pre["resume"] else None, "has_eval": eval_dataset is not None,
         "accumulation": cfg.gradient_accumulation_steps, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+        "global_batch": per_step,
         "task": task, "ref_model_path": ref_model_path,
     }
+    workers = f"{s.min_workers}-{s.num_workers}" if s.elastic else str(s.num_workers)
     print(f"[lmflow-ray] {info['rows']} {'packed ' if info['packing'] else ''}rows of {info['type']}, "
-          f"{s.num_workers} worker(s), ZeRO-{plan['ds_config']['zero_optimization'].get('stage', 0)}, "
+          f"{workers} worker(s), ZeRO-{plan['ds_config']['zero_optimization'].get('stage', 0)}, "
           f"{steps_per_epoch} steps/epoch, {total} steps"
           + (f", {info['eval_rows']} eval rows" if info["eval_rows"] else ""), flush=True)
     resume = pre["resume"]
     storage, run_name = checkpoint_root(cfg, out)
+    if s.elastic or cfg.max_failures:
+        # Restarts must find every row again: materialized blocks on a node that died are gone (Ray cannot
+        # rebuild blocks that crossed from the driver to the workers), so the rows are written once to
+        # the run's storage and streamed from there.
+        dataset = _durable(dataset, f"{storage}/{run_name}/dataset/train")
+        if eval_dataset is not None:
+            eval_dataset = _durable(eval_dataset, f"{storage}/{run_name}/dataset/eval")
     if cfg.storage_path:  # `resume_from: OUT` finds them there
         (out / STORAGE_FILE).write_text(json.dumps({"checkpoints": f"{storage}/{run_name}"}) + "\n")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "plan": plan},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=(s.min_workers, s.num_workers) if s.elastic else s.num_workers,
+                                     use_gpu=s.use_gpu, placement_strategy=s.placement_strategy,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {}),
+                                                           **s.resources}),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # An elastic run exists to go on after losing workers: it restarts (up to 3 times unless set).
+            failure_config=FailureConfig(max_failures=cfg.max_failures or (3 if s.elastic else 0)),
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                                  "OMP_NUM_THREADS": str(max(1, int(s.cpus_per_worker)))}},
         ),
         datasets={"train": dataset, **({"eval": eval_dataset} if eval_dataset is not None else {})},
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray_train.TrainingFailedError as e:
+        raise RunInterrupted(_failure_line(e, out, storage, run_name, cfg)) from e
     if result.error:
         raise result.error
     final = dict(result.metrics or {})
@@ -350,6 +372,31 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     print(f"[lmflow-ray] done: {out}/model  (steps {final.get('step')}, save check max|Δlogits| "
           f"{final.get('save_check_max_abs_diff')})", flush=True)
     return run
+
+
+def _durable(ds, path: str):
+    """The dataset written as Parquet to `path` (a local path or URI) and read back lazily."""
+    import ray.data
+
+    fs, where = _filesystem(path)
+    fs.create_dir(where, recursive=True)
+    fs.delete_dir_contents(where)  # a resumed run writes its rows again
+    ds.write_parquet(path)
+    return ray.data.read_parquet(path, file_extensions=["parquet"])
+
+
+def _failure_line(error: Exception, out: Path, storage: str, run_name: str, cfg: FinetuneConfig) -> str:
+    """One line for a run Ray Train gave up on (a worker or its node died with no restarts left)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "died" in line or re.match(r"^[\w.]+(Error|Exception): ", line)),
+                 lines[-1] if lines else type(error).__name__)
+    try:
+        where = f"its last checkpoint ({find_checkpoint(str(out) if cfg.storage_path else f'{storage}/{run_name}')})"
+    except UserError:
+        where = "no checkpoint was written yet (set train.save_steps)"
+    elastic = "" if cfg.scaling.elastic else "; or let it go on with fewer workers: scaling.num_workers: [MIN, MAX]"
+    return (f"training stopped: {cause[:300]}; {where}: continue with --set resume_from={out} "
+            f"(or raise max_failures{elastic})")
 
 
 def finetune_main(config_path: str, overrides: list[str], task: str = "finetune") -> int:
