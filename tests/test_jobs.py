@@ -67,7 +67,8 @@ def test_light_job_kinds_through_the_jobs_api(tmp_path, tiny_llama, shared_head)
     env, _, dashboard = shared_head
     out = tmp_path
     data = "examples/data"
-    short = ["--set", "train.num_epochs=1", "--set", "train.max_steps=2", "--set", "train.eval_steps=0"]
+    short = ["--set", "train.num_epochs=1", "--set", "train.max_steps=2", "--set", "train.eval_steps=0",
+             "--set", "scaling.num_workers=1"]  # three trainings at once on 2 cores: one worker each
     jobs = {
         "finetune": ["jobs/finetune.py", "--config", "configs/sft_tiny_zero3.yaml", "--set", f"output_dir={out}/sft",
                      *short],
