@@ -194,10 +194,6 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         raise format_validation_error(err, str(path) if path else "config") from None
 
 
-def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
 # ----------------------------------------------------------------------------- finetuning
 
 

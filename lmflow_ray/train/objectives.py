@@ -27,10 +27,6 @@ def token_nll_sum(logits, labels):
     return total, (shift_labels != -100).sum()
 
 
-def learned_tokens(labels) -> int:
-    return int((labels[:, 1:] != -100).sum())
-
-
 def micro_batch_loss_scale(world_size: int, accumulation_steps: int, global_tokens: int) -> float:
     """Factor turning a micro-batch token sum into what DeepSpeed's backward expects.
 
