@@ -106,3 +106,21 @@ def test_pair_tokenization_skips_and_scored_lists(tiny_llama):
     assert len(pairs["skip"]) == 2
     b_ids = tok("b", add_special_tokens=False)["input_ids"]
     assert all(row[-1 - len(b_ids):-1] == b_ids for row in pairs["chosen_input_ids"])
+
+
+def test_reward_spec_checked_without_loading_weights(tmp_path):
+    from lmflow_ray.errors import UserError
+    from lmflow_ray.eval.reward import FORMAT_FILE, RewardScorer
+
+    f = tmp_path / "my_reward.py"
+    f.write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    fn = RewardScorer.check(f"{f}:score")
+    assert fn(["p"], ["abc"]) == [3.0]
+    rm = tmp_path / "rm"
+    (rm / "model").mkdir(parents=True)
+    (rm / "model" / FORMAT_FILE).write_text("{}")  # no weights: check() must not try to load them
+    assert RewardScorer.check(str(rm)) == rm / "model"
+    for spec, says in ((f"{f}:nope", "has no function 'nope'"), ("no_such_module_xyz:f", "cannot import"),
+                       (str(tmp_path), "neither a reward model")):
+        with pytest.raises(UserError, match=says):
+            RewardScorer.check(spec)

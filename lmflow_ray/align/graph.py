@@ -65,7 +65,7 @@ class Graph:
         elif out.exists() and any(out.iterdir()):
             raise UserError(f"output_dir {out} is not empty; choose a new output_dir (or set resume_from: {out} "
                             "to continue the run it holds)")
-        RewardScorer.load(cfg.reward)  # a bad reward spec fails here, before any actor starts
+        RewardScorer.check(cfg.reward)  # a bad reward spec fails here, before any actor starts
         _, self.all_prompts = read_prompts(cfg.data.path)
         empty = next((i for i, p in enumerate(self.all_prompts) if not p), None)
         if empty is not None:

@@ -49,12 +49,21 @@ class RewardScorer:
     @classmethod
     def load(cls, spec: str, batch_size: int = 16, device: str | None = None) -> RewardScorer:
         """A reward model directory, or a Python function 'module:function' / 'file.py:function'."""
+        found = cls.check(spec)
+        if callable(found):
+            return cls(fn=found, name=spec)
+        return cls._load_model(found, batch_size, device)
+
+    @staticmethod
+    def check(spec: str) -> Callable | Path:
+        """What `spec` names — the reward function, or the reward model's directory — without loading a
+        model's weights; one UserError line when it names neither."""
         path = Path(spec)
         if not path.exists() and ":" in spec:
-            return cls(fn=_load_function(spec), name=spec)
+            return _load_function(spec)
         for candidate in (path, path / "model"):
             if (candidate / FORMAT_FILE).is_file():
-                return cls._load_model(candidate, batch_size, device)
+                return candidate
         raise UserError(f"reward '{spec}': neither a reward model (a `lmflow-ray reward-model` output dir) nor a "
                         "Python function module:function")
 
