@@ -94,23 +94,18 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dic
     clients read ~/.ray/auth_token (made by `ray start` when missing).
     """
     import json
-    import subprocess
     import tempfile
 
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ["PATH"], "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port, dash = port or free_port(), free_port()
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # Short path: Ray's unix sockets live under the temp dir (107-character limit). `ray start` writes its
     # address file there (ray_current_cluster), where `RAY_TMPDIR=<its parent>` clients look for it.
     temp = temp or Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-    subprocess.run([str(Path(venv_bin) / "ray"), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                    "--disable-usage-stats", *ports, *([f"--resources={json.dumps(resources)}"] if resources else []), *args],
-                   check=True, env={**env, **(extra_env or {})}, capture_output=True, timeout=180)
+    ray_start(["--head", f"--port={port}", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
+               f"--dashboard-port={dash}", *([f"--resources={json.dumps(resources)}"] if resources else []), *args],
+              temp, {**env, **(extra_env or {})})
     try:
         yield env, f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:
@@ -127,6 +122,31 @@ def shared_head():
     root = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     with private_ray_head(num_cpus=8, temp=root / "ray", resources={"trainer_node": 4}) as (env, gcs, dash):
         yield {**env, "RAY_TMPDIR": str(root)}, gcs, dash
+
+
+_AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port", "node-manager-port", "object-manager-port")
+
+
+def ray_start(args: list[str], temp: Path, env: dict, attempts: int = 3) -> None:
+    """`ray start ARGS` with its own temp dir and every agent port free-picked.
+
+    A port picked free can be taken before Ray binds it (the OS hands the same ephemeral range to
+    outgoing connections, and Ray's processes open many), so a failed start is cleaned up and
+    retried on new ports; the last failure is raised with Ray's own output.
+    """
+    import subprocess
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    for _ in range(attempts):
+        names = _AGENT_PORTS + (("ray-client-server-port",) if "--head" in args else ())
+        ports = [f"--{name}={free_port()}" for name in names]
+        cmd = [ray_bin, "start", f"--temp-dir={temp}", "--disable-usage-stats", *ports, *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if proc.returncode == 0:
+            return
+        stop_head(temp)
+    raise RuntimeError(f"`ray start` failed {attempts} times; last output:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
 def stop_head(temp: Path) -> None:

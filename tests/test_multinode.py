@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, make_cfg, private_ray_head, stop_head
+from conftest import free_port, make_cfg, private_ray_head, ray_start, stop_head
 
 pytestmark = pytest.mark.slow
 
@@ -32,14 +32,8 @@ pytestmark = pytest.mark.slow
 @contextlib.contextmanager
 def second_node(env: dict, gcs: str, num_cpus: int, resources: dict):
     """A raylet joined to the head at `gcs` with `ray start --address` (own temp dir); yields its temp dir."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
     node2 = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "node-manager-port", "object-manager-port")]
-    subprocess.run([ray_bin, "start", f"--address={gcs}", f"--num-cpus={num_cpus}", f"--temp-dir={node2}",
-                    f"--resources={json.dumps(resources)}", "--disable-usage-stats", *ports],
-                   check=True, env=env, capture_output=True, timeout=180)
+    ray_start([f"--address={gcs}", f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}"], node2, env)
     try:
         yield node2
     finally:
