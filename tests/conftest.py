@@ -68,7 +68,36 @@ def random_lora(base_model: Path, out: Path, std: float = 0.5) -> Path:
     return out
 
 
+class CliResult:
+    """What a CLI run left: exit status and the two streams (subprocess.CompletedProcess's names)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`lmflow-ray ARGS` run in this process (`cli.main`), from the repository root: for exit codes and
+    one-line errors, without a Python start-up per case. Commands that reach Ray join the session's
+    cluster when a test holds `ray_session`. Each entry point keeps one subprocess test (`run_cli`)."""
+    from lmflow_ray.cli import main
+
+    monkeypatch.chdir(REPO)
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
 def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path = REPO):
+    """`python -m lmflow_ray ARGS` in a fresh process (entry-point smoke tests, runs that are killed)."""
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "lmflow_ray", *args], capture_output=True, text=True,

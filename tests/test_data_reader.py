@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO
 
 from lmflow_ray.data import reader
 from lmflow_ray.data.formats import normalize
@@ -193,8 +193,8 @@ def test_stats_text_only_jsonl_in_process(ray_session, tmp_path, tiny_llama, tok
     assert stats["learned_tokens_mean"] == stats["length"]["mean"]  # text_only learns every token
 
 
-def test_cli_stats_unknown_template_exit_2():
-    proc = run_cli("data", "stats", "examples/data/sft_tiny.json", "--model", "tiny-llama", "--template", "nope")
+def test_cli_stats_unknown_template_exit_2(cli):
+    proc = cli("data", "stats", "examples/data/sft_tiny.json", "--model", "tiny-llama", "--template", "nope")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: unknown conversation template 'nope'")
 

@@ -309,30 +309,30 @@ def assert_clean_user_error(proc) -> list[str]:
     return lines
 
 
-def test_cli_validate_bad_json_exits_2(tmp_path):
+def test_cli_validate_bad_json_exits_2(tmp_path, cli):
     path = tmp_path / "bad.json"
     path.write_text('{"type": "text_only", "instances": [\n{"text": "a"]}')
-    lines = assert_clean_user_error(run_cli("data", "validate", str(path)))
+    lines = assert_clean_user_error(cli("data", "validate", str(path)))
     assert lines[0].startswith(f"error: {path}:2:")
 
 
-def test_cli_validate_many_problems_exits_2_one_line_each(tmp_path):
+def test_cli_validate_many_problems_exits_2_one_line_each(tmp_path, cli):
     path = dataset(tmp_path, "text_only", [{"txt": "a"}] * 25)
-    lines = assert_clean_user_error(run_cli("data", "validate", str(path)))
+    lines = assert_clean_user_error(cli("data", "validate", str(path)))
     assert len(lines) == MAX_REPORTED + 1 and lines[-1] == "error: ... and 5 more problems"
 
 
 @pytest.mark.parametrize("args", [["nope.json"], ["examples/data/sft_tiny.json", "--type", "text_only"],
                                   ["examples/data/sft_tiny.json", "--type", "chat"]],
                          ids=["missing-path", "type-mismatch", "unknown-type"])
-def test_cli_validate_user_mistakes_exit_2(args):
-    assert_clean_user_error(run_cli("data", "validate", *args))
+def test_cli_validate_user_mistakes_exit_2(args, cli):
+    assert_clean_user_error(cli("data", "validate", *args))
 
 
-def test_cli_validate_jsonl_needs_type(tmp_path):
+def test_cli_validate_jsonl_needs_type(tmp_path, cli):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
-    assert "--type" in assert_clean_user_error(run_cli("data", "validate", str(path)))[0]
-    ok = run_cli("data", "validate", str(path), "--type", "text_only")
+    assert "--type" in assert_clean_user_error(cli("data", "validate", str(path)))[0]
+    ok = cli("data", "validate", str(path), "--type", "text_only")
     assert ok.returncode == 0 and "instances: 1" in ok.stdout
 
 
@@ -344,17 +344,17 @@ def test_cli_validate_good_dataset(tmp_path):
     assert f"sft_tiny.json: {n} instances" in proc.stdout
 
 
-def test_cli_validate_directory_reports_trimmed(tmp_path):
+def test_cli_validate_directory_reports_trimmed(tmp_path, cli):
     dataset(tmp_path, "conversation", [CONV], "a.json")
     dataset(tmp_path, "conversation", [{"messages": [*CONV["messages"], {"role": "user", "content": "?"}]}], "b.json")
-    proc = run_cli("data", "validate", str(tmp_path))
+    proc = cli("data", "validate", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "instances: 2\nfiles: 2\n" in proc.stdout and "note: 1 conversations end with a user/tool turn" in proc.stdout
 
 
-def test_cli_stats_rejects_untokenizable_type(tmp_path):
+def test_cli_stats_rejects_untokenizable_type(tmp_path, cli):
     path = dataset(tmp_path, "paired_conversation", [VALID["paired_conversation"]])
-    lines = assert_clean_user_error(run_cli("data", "stats", str(path), "--model", "tiny-llama"))
+    lines = assert_clean_user_error(cli("data", "stats", str(path), "--model", "tiny-llama"))
     assert "'paired_conversation'" in lines[0] and "text_only, text2text, conversation" in lines[0]
 
 

@@ -45,13 +45,13 @@ def write_cfg(tmp_path: Path, cfg: dict) -> Path:
         (["lora.enabled=true", "lora.target_modules=[nope_proj]"], "lora.target_modules ['nope_proj'] not found"),
     ],
 )
-def test_bad_config_exits_2_with_one_line(tmp_path, repo, tiny_llama, sets, expected):
+def test_bad_config_exits_2_with_one_line(tmp_path, repo, tiny_llama, sets, expected, cli):
     cfg = write_cfg(tmp_path, BASE)
     args = ["finetune", "--config", str(cfg)]
     for s in sets:
         args += ["--set", s]
     start = time.time()
-    proc = run_cli(*args, timeout=300)
+    proc = cli(*args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert lines and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
@@ -68,16 +68,16 @@ def test_existing_output_dir_is_not_overwritten(tmp_path, repo, tiny_llama):
     assert (out / "run.json").read_text() == '{"keep": true}'
 
 
-def test_config_file_errors(tmp_path):
+def test_config_file_errors(tmp_path, cli):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny-llama\ndata: [unclosed\n")
-    proc = run_cli("finetune", "--config", str(bad))
+    proc = cli("finetune", "--config", str(bad))
     assert proc.returncode == 2 and f"{bad}:" in proc.stderr and "invalid YAML" in proc.stderr
-    proc = run_cli("finetune", "--config", str(tmp_path / "nope.yaml"))
+    proc = cli("finetune", "--config", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "config file not found" in proc.stderr
 
 
-def test_storage_path_that_no_filesystem_opens(tmp_path, tiny_llama):
-    proc = run_cli("finetune", "--config", str(write_cfg(tmp_path, BASE)), "--set", "storage_path=nosuch://bucket/x")
+def test_storage_path_that_no_filesystem_opens(tmp_path, tiny_llama, cli):
+    proc = cli("finetune", "--config", str(write_cfg(tmp_path, BASE)), "--set", "storage_path=nosuch://bucket/x")
     assert proc.returncode == 2 and proc.stderr.startswith("error: storage_path: nosuch://bucket/x is not a storage URI")
     assert not (tmp_path / "out").exists()

@@ -50,12 +50,11 @@ def test_ppo_with_critic_raises_the_reward(ray_session, repo, tmp_path, tiny_lla
     assert rows[-1]["critic_lr"] > 0
 
 
-def test_ppo_cli_bad_config_exits_2(repo, tmp_path):
+def test_ppo_cli_bad_config_exits_2(repo, tmp_path, cli):
     for override, fragment in (("ppo.estimator=grpo", "samples_per_prompt >= 2"),
                                ("ppo.clip_range=1.5", "clip_range")):
-        proc = run_cli("ppo", "--config", str(repo / "configs" / "ppo_tiny.yaml"), "--set",
-                       f"output_dir={tmp_path / 'x'}", "--set", "ppo.samples_per_prompt=1", "--set", override,
-                       timeout=120)
+        proc = cli("ppo", "--config", str(repo / "configs" / "ppo_tiny.yaml"), "--set",
+                   f"output_dir={tmp_path / 'x'}", "--set", "ppo.samples_per_prompt=1", "--set", override)
         assert proc.returncode == 2, proc.stderr
         assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
 
 from lmflow_ray.errors import UserError
 from lmflow_ray.models.zoo import resolve_model
@@ -59,10 +58,10 @@ def test_resolve_model_names_paths_and_errors(tiny_llama, tmp_path):
         resolve_model(str(tmp_path / "nothing"))
 
 
-def test_models_cli(tiny_llama):
-    proc = run_cli("models", "fetch", "tiny-llama")
+def test_models_cli(tiny_llama, cli):
+    proc = cli("models", "fetch", "tiny-llama")
     assert proc.returncode == 0 and proc.stdout.strip() == str(tiny_llama)
-    proc = run_cli("models", "list")
+    proc = cli("models", "list")
     assert proc.returncode == 0 and "smollm2-135m-instruct" in proc.stdout and "tiny-llama" in proc.stdout
-    proc = run_cli("models", "fetch", "gpt-17")
+    proc = cli("models", "fetch", "gpt-17")
     assert proc.returncode == 2 and "unknown zoo model 'gpt-17'" in proc.stderr
