@@ -60,10 +60,17 @@ def init_ray(num_cpus: int | None = None):
         return ray
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train's controller polls its workers this often (default 2 s): a run's start and end each wait
+    # for a poll, seconds that short jobs (and an RL run's trainer restarts) feel. Ray Train passes the
+    # setting on from the driver's environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # A cluster started for this command on this machine cannot be preempted: Ray Train's preemption
+        # watcher (an actor per run, for spot nodes) only costs start-up time and a warning line here.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         running = running_local_cluster()
         if running:
             print(f"[lmflow-ray] note: a Ray cluster started by `ray start` runs on this machine ({running}); this "

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from lmflow_ray.config import DPOConfig, RewardModelConfig, load_config
 from lmflow_ray.train.run import run_finetune
@@ -53,16 +52,15 @@ def test_reward_model_learns_the_preference(reward_model, repo):
     assert sum(c > r for c, r in zip(chosen, rejected)) >= 36, list(zip(chosen, rejected))
 
 
-def test_eval_reports_table5_metrics(reward_model, tiny_llama, repo, tmp_path):
+def test_eval_reports_table5_metrics(reward_model, tiny_llama, repo, tmp_path, cli):
     out, _ = reward_model
     prompts = tmp_path / "prompts.json"
     held = json.loads((repo / "examples/data/preference_t2t_tiny.json").read_text())["instances"][:8]
     prompts.write_text(json.dumps({"type": "conversation", "instances": [
         {"messages": [{"role": "user", "content": x["prompt"]}]} for x in held]}))
     report = tmp_path / "report.json"
-    proc = run_cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--reward", str(out),
-                   "--metrics", "reward,ppl,msttr,distinct,unique,length", "--max-tokens", "40", "--out", str(report),
-                   timeout=600)
+    proc = cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--reward", str(out),
+                   "--metrics", "reward,ppl,msttr,distinct,unique,length", "--max-tokens", "40", "--out", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(report.read_text())
     m = result["metrics"]
@@ -72,11 +70,11 @@ def test_eval_reports_table5_metrics(reward_model, tiny_llama, repo, tmp_path):
     assert m["reward"] == pytest.approx(sum(s["reward"] for s in result["samples"]) / 8)
     # A rule-based reward function works the same way.
     rule = tmp_path / "rule.json"
-    proc = run_cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--metrics", "reward,length",
+    proc = cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--metrics", "reward,length",
                    "--reward", "lmflow_ray.eval.reward_functions:on_topic", "--max-tokens", "8", "--out", str(rule))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert set(json.loads(rule.read_text())["metrics"]) == {"reward", "length"}
-    bad = run_cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--reward", "nosuchmodule:f",
+    bad = cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--reward", "nosuchmodule:f",
                   "--out", str(tmp_path / "x.json"))
     assert bad.returncode == 2 and "nosuchmodule" in bad.stderr and "Traceback" not in bad.stderr
 

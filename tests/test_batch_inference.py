@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -29,15 +28,13 @@ def prompt_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["t2t.json", "convs.json"])
-def test_actor_pool_matches_single_process(ray_session, tiny_llama, prompt_files, tmp_path, name):
+def test_actor_pool_matches_single_process(ray_session, tiny_llama, prompt_files, tmp_path, name, cli):
     data = prompt_files / name
     common = ["infer", "--model", str(tiny_llama), "--data", str(data), "--max-tokens", "10"]
-    single = run_cli(*common, "--out", str(tmp_path / "single.json"), timeout=300)
+    single = cli(*common, "--out", str(tmp_path / "single.json"))
     assert single.returncode == 0, single.stderr
-    # The CLI joins the session's cluster (RAY_ADDRESS), as `ray job submit` jobs do.
-    address = ray_session.get_runtime_context().gcs_address
-    pooled = run_cli(*common, "--out", str(tmp_path / "pooled.json"), "--workers", "2", "--batch-size", "4",
-                     env={"RAY_ADDRESS": address}, timeout=600)
+    # In this process the command joins the session's cluster, as `ray job submit` jobs join theirs.
+    pooled = cli(*common, "--out", str(tmp_path / "pooled.json"), "--workers", "2", "--batch-size", "4")
     assert pooled.returncode == 0, pooled.stderr[-3000:]
     a = json.loads((tmp_path / "single.json").read_text())["instances"]
     b = json.loads((tmp_path / "pooled.json").read_text())["instances"]
