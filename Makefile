@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest -x -q --durations=25 tests
 
 test-fast: install
-	$(BIN)/python -m pytest -x -q -m "not slow" tests
+	$(BIN)/python -m pytest -x -q -m "unit or ray" tests
 
 demo: install
 	$(BIN)/lmflow-ray demo

@@ -21,6 +21,31 @@ TEST_API_KEY = "test-key-1234"
 os.environ["LMFLOW_RAY_TEST_API_KEY"] = TEST_API_KEY
 
 
+# Fixtures that make a test end-to-end: the real SmolLM2, or Ray heads and nodes of its own.
+E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test gets exactly one of unit / ray / e2e (`make test-fast` runs unit and ray)."""
+    for item in items:
+        if item.get_closest_marker("e2e") or E2E_FIXTURES & set(item.fixturenames):
+            if not item.get_closest_marker("e2e"):
+                item.add_marker(pytest.mark.e2e)
+        elif "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """A test marked unit must not start Ray (checked when Ray was not already up before it)."""
+    was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if request.node.get_closest_marker("unit") and not was_up and "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized(), "a unit test started Ray: give it the ray_session fixture"
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

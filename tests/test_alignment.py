@@ -19,8 +19,6 @@ import pytest
 from lmflow_ray.config import DPOConfig, RewardModelConfig, load_config
 from lmflow_ray.train.run import run_finetune
 
-pytestmark = pytest.mark.slow
-
 
 def rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]

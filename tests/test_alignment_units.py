@@ -124,3 +124,13 @@ def test_reward_spec_checked_without_loading_weights(tmp_path):
                        (str(tmp_path), "neither a reward model")):
         with pytest.raises(UserError, match=says):
             RewardScorer.check(spec)
+
+
+def test_raft_keeps_the_best_per_prompt_above_the_floor():
+    from lmflow_ray.align.raft import keep_best
+
+    rewards = [[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.4, 0.1]]
+    assert keep_best(rewards, 1, None) == [(0, 1), (1, 2)]
+    assert sorted(keep_best(rewards, 2, None)) == [(0, 1), (0, 3), (1, 0), (1, 2)]
+    assert keep_best(rewards, 2, 0.35) == [(0, 1), (0, 3), (1, 2)]  # the floor drops 0.3
+    assert keep_best(rewards, 1, 1.0) == []

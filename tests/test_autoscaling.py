@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import free_port, private_ray_head
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +34,7 @@ def autoscaling_config(gcs_address: str) -> dict:
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     assert {"cpu_workers", "gpu_workers"} <= set(cluster["available_node_types"])
     return {
-        "cluster_name": "lmflow-fake", "max_workers": 3, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.2,
+        "cluster_name": "lmflow-fake", "max_workers": 3, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "auth": {"ssh_user": "ubuntu"},
@@ -83,7 +83,8 @@ def wait_scaled_down(phase, keep=0, limit=150):
 
 # 1. A 2-worker finetune through the Jobs API.
 entry = ("python jobs/finetune.py --config configs/sft_tiny_zero3.yaml --set output_dir=" + out
-         + " --set train.num_epochs=1 --set train.max_steps=2 --set scaling.num_workers=2 --set scaling.cpus_per_worker=1")
+         + " --set deepspeed=zero0 --set train.num_epochs=1 --set train.max_steps=1 --set scaling.num_workers=2"
+         + " --set scaling.cpus_per_worker=1")
 deadline = time.time() + 300
 while True:  # the job agent takes a few seconds after `ray start`
     try:

@@ -187,7 +187,7 @@ def test_stale_ray_address_file_is_ignored():
     assert "num_cpus and num_gpus must not be provided" not in proc.stderr and "note:" not in proc.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_live_ray_start_head_is_named_not_joined_silently(shared_head):
     env, gcs, _ = shared_head
     env = {**env, "LMFLOW_RAY_NUM_CPUS": "3"}

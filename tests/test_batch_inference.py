@@ -10,8 +10,6 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def prompt_files(tmp_path_factory):

@@ -202,7 +202,7 @@ def test_cli_stats_unknown_template_exit_2(cli):
 # ----------------------------------------------------------------------------- memory
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_validate_1m_instances_streams_in_bounded_memory():
     """validate() on a 1,000,000-instance (~100 MB) file holds one instance at a time.
 

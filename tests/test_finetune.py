@@ -153,6 +153,7 @@ def kill_a_worker_after(out: Path, step: int, checkpoints: Path | None = None) -
     return killed
 
 
+@pytest.mark.e2e
 def test_resume_after_crash_continues_step_count_schedule_and_data(ray_session, repo, tmp_path, reference_zero2):
     """A run that dies (no retries left) is continued with resume_from: OUT. Its checkpoints live on
     "remote" storage given as a URI (storage_path: file://... stands for s3:// here), not under OUT."""
@@ -175,6 +176,7 @@ def test_resume_after_crash_continues_step_count_schedule_and_data(ray_session, 
     check_saved_model(out, checkpoints=store)
 
 
+@pytest.mark.e2e
 def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_path, reference_zero2):
     out = tmp_path / "out"
     killed = kill_a_worker_after(out, 10)

@@ -139,7 +139,7 @@ def test_bad_requests_are_user_errors(tiny_llama):
         SamplingParams(max_tokens=0)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_chat_answers_paris(smollm2):
     eng = make_engine("hf", smollm2)
     (c,), = eng.chat([[{"role": "user", "content": "What is the capital of France?"}]], SamplingParams(max_tokens=16))

@@ -16,7 +16,7 @@ from lmflow_ray.inference.engine import SamplingParams
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process: simpler under pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from lmflow_ray.config import IterativeDPOConfig, load_config
-
-pytestmark = pytest.mark.slow
 
 
 def _held_out_reward(model, prompts) -> float:

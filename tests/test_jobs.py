@@ -62,7 +62,7 @@ def submit_and_wait(env: dict, dashboard: str, jobs: dict[str, str], runtime_env
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_light_job_kinds_through_the_jobs_api(tmp_path, tiny_llama, shared_head):
     env, _, dashboard = shared_head
     out = tmp_path

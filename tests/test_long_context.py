@@ -114,7 +114,7 @@ def test_linear_interpolation_finetune_beats_plain_rope(short_model):
     assert linear < 0.98 * plain, (plain, linear)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_finetune_config_rope_scaling_reaches_the_saved_model(ray_session, short_model, tmp_path):
     """`rope_scaling` in a finetune config: trained with it on 256-token blocks, saved with it, reloads finite."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,7 +16,7 @@ from lmflow_ray.eval.accuracy import exact_match
 from lmflow_ray.train.run import run_finetune
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lora_smollm2_improves_heldout_exact_match(ray_session, repo, tmp_path, smollm2):
     out = tmp_path / "lora"
     cfg = load_config(FinetuneConfig, repo / "configs" / "sft_smollm2_lora.yaml",

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import free_port, make_cfg, private_ray_head, ray_start, stop_head
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 - GRPO (critic-free, run from the CLI, SIGKILLed after its second checkpoint and resumed) and PPO
   (critic + GAE): the mean sample reward rises clearly over the iterations; the KL to the
-  reference is 0 at the first rollout and finite after; the update logs its losses; PPO trains
+  reference stays finite; each update's first step has ratio 1 (old log-probs right); the update logs its losses; PPO trains
   and saves its critic (its own trainer), whose values move towards the rewards.
 - A trainer process that dies ends the run with one line naming the checkpoint to resume from.
 - The CLI: `lmflow-ray ppo` with a bad estimator / group size exits 2 with one line.
@@ -18,8 +18,6 @@ from conftest import run_cli
 
 from lmflow_ray.config import PPOConfig, load_config
 
-pytestmark = pytest.mark.slow
-
 
 def _run(repo, out, *overrides):
     from lmflow_ray.align.ppo import run_ppo
@@ -34,7 +32,11 @@ def _rises(rows):
     half = len(rewards) // 2
     assert rewards[-1] > rewards[0] + 0.02, rewards
     assert sum(rewards[half:]) / (len(rewards) - half) > sum(rewards[:half]) / half + 0.01, rewards
-    assert abs(rows[0]["kl"]) < 1e-3 and all(math.isfinite(r["kl"]) for r in rows), [r["kl"] for r in rows]
+    assert all(math.isfinite(r["kl"]) for r in rows), [r["kl"] for r in rows]
+    # Every iteration's first optimizer step runs on the policy that computed the old log-probs: ratio 1
+    # (a stale policy, other sampling settings or misaligned tokens would show here).
+    assert all(r["first_step_approx_kl"] < 1e-6 and r["first_step_clipfrac"] == 0 for r in rows), \
+        [(r["first_step_approx_kl"], r["first_step_clipfrac"]) for r in rows]
 
 
 def test_ppo_with_critic_raises_the_reward(ray_session, repo, tmp_path, tiny_llama):
@@ -63,9 +65,11 @@ def _rows(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def test_run_killed_mid_way_resumes_with_continuous_numbering(repo, tmp_path, tiny_llama):
-    """SIGKILL the driver (and its local Ray) after iteration 2 of 4 was checkpointed; resume_from continues
-    at the next iteration with the same numbering, and the rows from before the kill are kept."""
+@pytest.mark.e2e
+def test_run_killed_mid_way_resumes_with_continuous_numbering(ray_session, repo, tmp_path, tiny_llama):
+    """SIGKILL the driver after iteration 2 of 4 was checkpointed (its actors die with it); resume_from
+    continues at the next iteration with the same numbering, and the rows from before the kill are kept.
+    Both drivers join the session's cluster (RAY_ADDRESS), as jobs join theirs."""
     import os
     import signal
     import subprocess
@@ -77,7 +81,8 @@ def test_run_killed_mid_way_resumes_with_continuous_numbering(repo, tmp_path, ti
             "--set", f"output_dir={out}", "--set", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
             "--set", "ppo.estimator=grpo", "--set", "ppo.iterations=4", "--set", "save_iterations=1"]
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(args, cwd=repo, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(args, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     while not (out / "checkpoints" / "iter_002" / "run_state.json").exists():
         assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
@@ -88,7 +93,8 @@ def test_run_killed_mid_way_resumes_with_continuous_numbering(repo, tmp_path, ti
     assert len(before) >= 2
     done = run_cli("ppo", "--config", str(repo / "configs" / "ppo_tiny.yaml"), "--set", f"output_dir={out}",
                    "--set", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}", "--set", "ppo.estimator=grpo",
-                   "--set", "ppo.iterations=4", "--set", "save_iterations=1", "--set", f"resume_from={out}", timeout=600)
+                   "--set", "ppo.iterations=4", "--set", "save_iterations=1", "--set", f"resume_from={out}", timeout=600,
+                   env={"RAY_ADDRESS": env["RAY_ADDRESS"]})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     rows = _rows(out)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]

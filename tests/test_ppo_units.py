@@ -176,3 +176,38 @@ def test_truncated_responses_penalised_and_rows_aligned():
     for r in rows:
         n = len(r["input_ids"]) - r["prompt_len"]
         assert len(r["old_logp"]) == len(r["ref_logp"]) == len(r["adv"]) == len(r["ret"]) == len(r["old_value"]) == n
+
+
+def test_one_ppo_loss_step_moves_log_probs_with_the_advantage_sign(tiny_llama):
+    """No Ray, no DeepSpeed: PolicyGradientTask.loss on tiny-llama, one SGD step. Response tokens of the
+    row with advantage +1 gain log-probability, those of the row with -1 lose it (old_logp = current,
+    so the ratio starts at 1 inside the clip range and every token carries gradient)."""
+    from transformers import AutoModelForCausalLM
+
+    from lmflow_ray.train.tasks import PolicyGradientTask
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    task = PolicyGradientTask(None, {"ppo": {"clip_range": 0.2, "estimator": "ppo", "kl_coef": 0.0}})
+    prompt, responses = [11, 12, 13], ([21, 22, 23, 24], [31, 32, 33, 34])
+
+    def logps() -> torch.Tensor:
+        ids = torch.tensor([prompt + r for r in responses])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1].log_softmax(-1)
+        return torch.gather(logits, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[:, len(prompt) - 1:]
+
+    before = logps()
+    batch = {"input_ids": [prompt + r for r in responses], "prompt_len": [len(prompt)] * 2,
+             "old_logp": [before[i].tolist() for i in range(2)], "ref_logp": [before[i].tolist() for i in range(2)],
+             "adv": [[1.0] * 4, [-1.0] * 4]}
+    mb = task.collate(batch, pad_id=0)
+    loss, stats = task.loss(model, mb)
+    assert stats["clipped"] == 0 and stats["approx_kl"] == pytest.approx(0, abs=1e-10)  # ratio 1 at the start
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    delta = logps() - before
+    assert (delta[0] > 0).all(), delta  # positive advantage: more likely
+    assert (delta[1] < 0).all(), delta  # negative advantage: less likely

@@ -21,8 +21,6 @@ import pytest
 
 from lmflow_ray.config import RaftConfig, load_config
 
-pytestmark = pytest.mark.slow
-
 PROMPTS = [[{"role": "user", "content": "Where does the cat see the red ball?"}],
            [{"role": "user", "content": "Where does a dog find a small boat?"}]]
 GREEDY = {"max_tokens": 16, "temperature": 0.0}
@@ -44,7 +42,8 @@ def test_raft_raises_the_reward(raft_run):
     rewards = [r["reward_mean"] for r in rows]
     assert rewards[-1] > rewards[0] + 0.02 and sum(rewards[2:]) > sum(rewards[:2]), rewards
     assert abs(rows[0]["kl"]) < 1e-3 and all(math.isfinite(r["kl"]) for r in rows)
-    assert all(r["reward_kept_mean"] >= r["reward_mean"] for r in rows)
+    assert all(r["kept"] == 16 for r in rows)  # the best 1 of 4 samples for each of the 16 prompts
+    assert sum(r["reward_kept_mean"] for r in rows) > sum(r["reward_mean"] for r in rows)
     assert (out / "model" / "config.json").is_file() and (out / "reward.png").stat().st_size > 1000
     for key in ("gen_s", "score_s", "train_s", "sync_s", "sync_bytes", "gen_tokens_per_s", "loss", "lr", "rows_unused"):
         assert key in rows[-1]
@@ -103,6 +102,7 @@ def test_weight_sync_reaches_the_running_vllm_engine(ray_session, smollm2, tmp_p
     _check_sync("vllm", str(smollm2), str(new), prompts, {"max_tokens": 32, "temperature": 0.0})
 
 
+@pytest.mark.e2e
 def test_killed_generation_actor_is_restarted_and_the_call_retried(raft_run, tiny_llama):
     import ray
 
@@ -181,6 +181,7 @@ def test_unplaceable_generation_actors_are_one_clear_error(ray_session, repo, tm
         run_raft(cfg)  # one node here: two bundles on distinct nodes cannot exist
 
 
+@pytest.mark.e2e
 def test_generation_actor_killed_mid_iteration_the_iteration_completes(ray_session, repo, tmp_path, tiny_llama):
     """SIGKILL the generation actor while a RAFT iteration runs: Ray restarts it, the call in flight
     (generate, or sync if the kill lands later) is retried on the new actor, and the run finishes."""

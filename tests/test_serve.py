@@ -18,7 +18,7 @@ import httpx
 import pytest
 from conftest import TEST_API_KEY, free_port, random_lora
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

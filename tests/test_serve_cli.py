@@ -63,7 +63,7 @@ def _stop(proc: subprocess.Popen) -> int:
         raise
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_lmflow_ray_serve_and_serve_run(tmp_path, repo, tiny_llama, shared_head):
     env, gcs, _ = shared_head
     env = {**env, "RAY_ADDRESS": gcs}

@@ -129,13 +129,13 @@ def with_system(conv: dict) -> list[dict]:
     return [{"role": "system", "content": conv["system"]}, *conv["messages"]]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("template", [None, "chatml"])
 def test_smollm2_learned_spans(smol, template):
     check_learned(tokenize_conversation(CONV, smol, template, max_length=None), smol, "<|im_end|>")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_own_template_reproduces_apply_chat_template(smol):
     # No trailing-newline caveat: the "\n" after the last <|im_end|> is kept as an unlearned segment.
     example = tokenize_conversation(CONV, smol, None, max_length=None)
@@ -145,7 +145,7 @@ def test_smollm2_own_template_reproduces_apply_chat_template(smol):
     assert smol.decode(bare["input_ids"]) == smol.apply_chat_template(CONV["messages"], tokenize=False)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_render_prompt(smol):
     msgs = CONV["messages"][:3]
     expected = smol.apply_chat_template(with_system({"system": SYSTEM, "messages": msgs}), tokenize=False,

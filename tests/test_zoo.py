@@ -11,7 +11,7 @@ from lmflow_ray.errors import UserError
 from lmflow_ray.models.zoo import resolve_model
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_from_pypi_answers_capital_of_france(smollm2):
     from lmflow_ray.inference.hf import chat_generate
     from lmflow_ray.models.loading import load_for_generation

@@ -93,6 +93,7 @@ class TrainerActor:
         collate = self.task.collate
         pad = self.plan["pad_id"]
         totals: dict[str, float] = {}
+        first: dict[str, float] = {}
         t0, n = time.time(), 0
         for epoch in range(epochs):
             order = list(range(len(rows)))
@@ -111,7 +112,10 @@ class TrainerActor:
                        **self.task.report(result.stats, max(result.units, 1))}
                 for k, v in row.items():
                     totals[k] = totals.get(k, 0.0) + v
+                if n == 1:  # before the policy moved: ratio 1 wherever the old log-probs are right
+                    first = {f"first_step_{k}": row[k] for k in ("approx_kl", "clipfrac") if k in row}
         out = {k: v / n for k, v in totals.items()} if n else {}
+        out.update(first)
         out.update(steps=n, optimizer_step=self.step, lr=self.engine.get_lr()[0], fit_s=time.time() - t0,
                    rows_unused=len(rows) - steps * per_step)
         return out
