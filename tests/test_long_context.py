@@ -131,7 +131,7 @@ def test_finetune_config_rope_scaling_reaches_the_saved_model(ray_session, short
     base = {"model": str(path), "data": {"path": str(data), "max_length": LONG, "packing": True},
             "output_dir": str(out), "deepspeed": "zero0", "seed": 1, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-            "train": {"num_epochs": 2, "micro_batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "save_steps": 0}}
+            "train": {"num_epochs": 1, "micro_batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "save_steps": 0}}
     run_finetune(load_config(FinetuneConfig, None, [], base=base))
     saved = json.loads((out / "model" / "config.json").read_text())
     params = saved.get("rope_parameters") or saved.get("rope_scaling")
