@@ -41,12 +41,12 @@ class TrainerActor:
 
     def setup(self, master: str, port: int) -> int:
         """Join the process group and build the engine; returns the number of trainable parameters."""
-        import deepspeed
         import torch
         import torch.distributed as dist
 
         from lmflow_ray.config import config_class
         from lmflow_ray.train.loop import lr_lambda
+        from lmflow_ray.train.step import deepspeed_for_training
         from lmflow_ray.train.tasks import make_task
 
         os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port), RANK=str(self.rank), WORLD_SIZE=str(self.world),
@@ -65,7 +65,7 @@ class TrainerActor:
         model = self.task.build_model()
         t, total = cfg.train, self.plan["total_steps"]
         warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
-        self.engine, _, _, _ = deepspeed.initialize(
+        self.engine, _, _, _ = deepspeed_for_training().initialize(
             model=model, model_parameters=self.task.param_groups(model), config=self.plan["ds_config"],
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total)),
             dist_init_required=False)

@@ -208,13 +208,12 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
 
 
 def train_worker(args: dict) -> None:
-    import deepspeed
     import ray.train
     import torch
 
     from lmflow_ray.config import config_class
     from lmflow_ray.models.peft_utils import lisa_select
-    from lmflow_ray.train.step import optimizer_step
+    from lmflow_ray.train.step import deepspeed_for_training, optimizer_step
     from lmflow_ray.train.tasks import make_task
 
     plan = args["plan"]
@@ -232,7 +231,7 @@ def train_worker(args: dict) -> None:
     model = task.build_model()
     t = cfg.train
     warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
-    engine, _, _, _ = deepspeed.initialize(
+    engine, _, _, _ = deepspeed_for_training().initialize(
         model=model,
         model_parameters=task.param_groups(model),
         config=ds_config,

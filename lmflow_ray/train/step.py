@@ -14,6 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def deepspeed_for_training():
+    """`deepspeed`, set up for a training process.
+
+    On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op in every
+    process that starts an engine (~30 s of two compilers), and probes the compiler for every op it
+    knows; the op serves only DeepSpeed's inference tensor parallelism (`inference_all_reduce`).
+    Training all-reduces go through torch.distributed (gloo / NCCL), so the op is marked unavailable
+    and neither the probe nor the build runs. (Measured: the test suite compiled it 3 times, ~300 s
+    of CPU, as processes with different build flags invalidated each other's build.)
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    return deepspeed
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over the data-parallel ranks (the values themselves without torch.distributed)."""
     import torch
