@@ -219,7 +219,7 @@ SFT = "examples/data/sft_tiny.json"
 
 
 def make_cfg(repo: Path, out: Path, data: str = SFT, **sets):
-    """The finetune tests' config: tiny-llama SFT, 2 workers, ZeRO-2, 32 steps, checkpoints every 8."""
+    """The finetune tests' config: tiny-llama SFT, 2 workers, ZeRO-2, 16 steps (one epoch), checkpoints every 8."""
     from lmflow_ray.config import FinetuneConfig, load_config
 
     base = {
@@ -228,7 +228,7 @@ def make_cfg(repo: Path, out: Path, data: str = SFT, **sets):
         "output_dir": str(out),
         "deepspeed": "zero2",
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "train": {"num_epochs": 2, "micro_batch_size": 8, "global_batch_size": 16, "lr": 3e-3,
+        "train": {"num_epochs": 1, "micro_batch_size": 8, "global_batch_size": 16, "lr": 3e-3,
                   "warmup_ratio": 0.1, "save_steps": 8},
     }
     return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in sets.items()], base=base)
@@ -236,7 +236,7 @@ def make_cfg(repo: Path, out: Path, data: str = SFT, **sets):
 
 @pytest.fixture(scope="session")
 def reference_zero2(ray_session, repo, tmp_path_factory, tiny_llama):
-    """An uninterrupted 2-worker ZeRO-2 SFT run (32 steps), the baseline for resume and failure tests."""
+    """An uninterrupted 2-worker ZeRO-2 SFT run (16 steps), the baseline for resume and failure tests."""
     from lmflow_ray.train.run import run_finetune
 
     out = tmp_path_factory.mktemp("ref") / "out"

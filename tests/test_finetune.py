@@ -54,13 +54,13 @@ def assert_loss_falls(rows: list[dict], factor: float = 0.7) -> None:
 
 def test_zero2_two_workers_loss_falls_and_model_reloads(reference_zero2):
     rows = metrics(reference_zero2)
-    assert [r["step"] for r in rows] == list(range(1, 33))
+    assert [r["step"] for r in rows] == list(range(1, 17))
     for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
         assert all(r[key] is not None for r in rows), key
     assert_loss_falls(rows)
     check_saved_model(reference_zero2)
     run = json.loads((reference_zero2 / "run.json").read_text())
-    assert run["deepspeed"]["zero_optimization"]["stage"] == 2 and run["final"]["step"] == 32
+    assert run["deepspeed"]["zero_optimization"]["stage"] == 2 and run["final"]["step"] == 16
 
 
 def test_zero3_two_workers_pretraining_packed(ray_session, repo, tmp_path, tiny_llama):
@@ -158,34 +158,34 @@ def test_resume_after_crash_continues_step_count_schedule_and_data(ray_session, 
     """A run that dies (no retries left) is continued with resume_from: OUT. Its checkpoints live on
     "remote" storage given as a URI (storage_path: file://... stands for s3:// here), not under OUT."""
     out, store = tmp_path / "out", tmp_path / "shared-storage"
-    killed = kill_a_worker_after(out, 12, checkpoints=store)
+    killed = kill_a_worker_after(out, 6, checkpoints=store)
     sets = {"train.save_steps": 4, "storage_path": f"file://{store}"}
     with pytest.raises(Exception):  # noqa: B017 - Ray's failure type is not part of our contract
         run_finetune(make_cfg(repo, out, **sets))
     killed["thread"].join(timeout=5)
-    assert 12 <= killed["step"] < 32
+    assert 6 <= killed["step"] < 16
     assert list(store.glob("out-*/checkpoint_*")) and not (out / "checkpoints").exists()
     run = run_finetune(make_cfg(repo, out, resume_from=str(out), **sets))
-    assert run["resumed_from"].startswith(f"file://{store}/out-") and run["final"]["step"] == 32
+    assert run["resumed_from"].startswith(f"file://{store}/out-") and run["final"]["step"] == 16
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 33))  # continued in place, no step logged twice
+    assert [r["step"] for r in rows] == list(range(1, 17))  # continued in place, no step logged twice
     ref = {r["step"]: r for r in metrics(reference_zero2)}
     # Same schedule as the uninterrupted run: scheduler and step count were restored.
     assert all(r["lr"] == pytest.approx(ref[r["step"]]["lr"], rel=1e-6) for r in rows)
-    assert rows[-1]["loss"] == pytest.approx(ref[32]["loss"], rel=0.15)
+    assert rows[-1]["loss"] == pytest.approx(ref[16]["loss"], rel=0.15)
     check_saved_model(out, checkpoints=store)
 
 
 @pytest.mark.e2e
 def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_path, reference_zero2):
     out = tmp_path / "out"
-    killed = kill_a_worker_after(out, 10)
+    killed = kill_a_worker_after(out, 9)
     run = run_finetune(make_cfg(repo, out, max_failures=2))
     killed["thread"].join(timeout=5)
-    assert 10 <= killed.get("step", 0) < 32, "no train worker was killed mid-run"
-    assert run["final"]["step"] == 32
+    assert 9 <= killed.get("step", 0) < 16, "no train worker was killed mid-run"
+    assert run["final"]["step"] == 16
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 33))
+    assert [r["step"] for r in rows] == list(range(1, 17))
     ref_final = metrics(reference_zero2)[-1]["loss"]
     assert rows[-1]["loss"] == pytest.approx(ref_final, rel=0.15)
     check_saved_model(out)
@@ -194,8 +194,9 @@ def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_pa
 def test_lisa_trains_sampled_layers_with_heldout_eval(ray_session, repo, tmp_path, tiny_llama):
     out = tmp_path / "out"
     run = run_finetune(make_cfg(repo, out, deepspeed="zero0", **{
-        "scaling.num_workers": 1, "train.global_batch_size": 8, "lisa.enabled": "true", "lisa.active_layers": 1,
-        "lisa.interval_steps": 5, "train.save_steps": 0, "data.eval_split": 0.125, "train.eval_steps": 10}))
+        "scaling.num_workers": 1, "train.num_epochs": 2, "train.global_batch_size": 8, "lisa.enabled": "true",
+        "lisa.active_layers": 1, "lisa.interval_steps": 5, "train.save_steps": 0, "data.eval_split": 0.125,
+        "train.eval_steps": 10}))
     assert run["data"]["eval_rows"] == 32 and run["data"]["rows"] == 224
     rows = metrics(out)
     assert_loss_falls(rows, 0.8)
@@ -214,8 +215,8 @@ def test_lora_adapter_saves_and_merges(ray_session, repo, tmp_path, tiny_llama):
 
     out = tmp_path / "out"
     modules = "[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]"
-    run_finetune(make_cfg(repo, out, **{"scaling.num_workers": 1, "train.global_batch_size": 8, "lora.enabled": "true",
-                                        "lora.r": 8, "train.save_steps": 0, "train.lr": 3e-2,
+    run_finetune(make_cfg(repo, out, **{"scaling.num_workers": 1, "train.num_epochs": 2, "train.global_batch_size": 8,
+                                        "lora.enabled": "true", "lora.r": 8, "train.save_steps": 0, "train.lr": 3e-2,
                                         "lora.target_modules": modules}))
     assert (out / "model" / "adapter_config.json").is_file()
     assert not (out / "model" / "model.safetensors").exists()  # only the adapter is saved
