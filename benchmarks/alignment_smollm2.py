@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(kind: str, config: str, out: Path) -> dict:
-    from lmflow_ray.config import config_class, load_config
+    from lmflow_ray.config_loading import load_config
     from lmflow_ray.train.run import run_finetune
+    from lmflow_ray.train.tasks import TASKS
 
-    cfg = load_config(config_class(kind), REPO / config,
+    cfg = load_config(TASKS[kind].config_class, REPO / config,
                       [f"output_dir={out}", f"data.path={REPO / 'examples/data/preference_tiny.json'}"])
     t0 = time.time()
     run_finetune(cfg)

@@ -82,7 +82,7 @@ def main() -> dict:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.inference import SamplingParams, make_engine
     from lmflow_ray.models.zoo import fetch_model
 
     model = fetch_model("smollm2-135m-instruct")

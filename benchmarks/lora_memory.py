@@ -40,7 +40,8 @@ def trainable_parameters(model_path: str) -> dict:
 
 
 def run(model: str, data: Path, out: Path, lora: bool, args) -> dict:
-    from lmflow_ray.config import FinetuneConfig, load_config
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config_loading import load_config
     from lmflow_ray.train.run import run_finetune
 
     base = {

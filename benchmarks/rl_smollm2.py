@@ -82,7 +82,8 @@ def table5(model: str, out: Path) -> dict:
 def run_method(kind: str, out: Path, overrides: list[str]) -> tuple[dict, list[dict]]:
     from lmflow_ray.align.ppo import run_ppo
     from lmflow_ray.align.raft import run_raft
-    from lmflow_ray.config import PPOConfig, RaftConfig, load_config
+    from lmflow_ray.config import PPOConfig, RaftConfig
+    from lmflow_ray.config_loading import load_config
 
     cls, fn = (RaftConfig, run_raft) if kind == "raft" else (PPOConfig, run_ppo)
     cfg = load_config(cls, REPO / "configs" / f"{kind}_smollm2.yaml",

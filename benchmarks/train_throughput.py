@@ -116,7 +116,8 @@ def length_stats(lengths: list[int]) -> dict:
 
 
 def run_project(model: str, data: Path, out: Path, args) -> dict:
-    from lmflow_ray.config import FinetuneConfig, load_config
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config_loading import load_config
     from lmflow_ray.train.run import run_finetune
 
     base = {
@@ -198,9 +199,9 @@ def interleaved_check(model_path: str, examples: list[dict], blocks: list[dict],
     import torch
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
+    from lmflow_ray.data.collate import collate
     from lmflow_ray.models.loading import load_tokenizer
-    from lmflow_ray.train.data import collate
-    from lmflow_ray.train.objectives import token_nll_sum
+    from lmflow_ray.models.scoring import token_nll_sum
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

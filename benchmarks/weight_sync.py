@@ -3,10 +3,12 @@ HF vs vLLM engine, on SmolLM2-135M-Instruct.
 
 A one-rank `TrainerGroup` (the RL trainer: DeepSpeed ZeRO-0, fp32) is built on SmolLM2, its weights
 moved once by a few optimizer-free perturbations (so a sync visibly changes answers), then sent to
-an HF and a vLLM `GenerationActor` through Ray's object store, exactly as an RL iteration does.
-The same again with `lora.enabled` (only the adapter travels). Reported per case: bytes moved,
-seconds on the trainer (gather + put), seconds on the actor (load), and whether the synced
-engine's greedy answers equal HF's answers from the same weights (for LoRA: the merged model).
+an HF and a vLLM `GenerationActor` as an RL iteration does, through each transport of
+`generation.weight_sync`: Ray's object store, and the collective group (a gloo broadcast from
+trainer rank 0; the group opened beforehand, as a run opens it once). The same again with
+`lora.enabled` (only the adapter travels). Reported per case: bytes moved, seconds of the whole
+sync (trainer gather, put or broadcast, actor load) and of the gather alone, and whether the
+synced engine's greedy answers equal HF's answers from the same weights (LoRA: the merged model).
 
 Prints one JSON object on stdout.
 """
@@ -50,35 +52,46 @@ def case(lora: bool, tmp: Path) -> dict:
 
     from lmflow_ray.align.actors import GenerationActor
     from lmflow_ray.align.trainer import TrainerGroup, trainer_setup
-    from lmflow_ray.config import RaftConfig, load_config
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.config import RaftConfig
+    from lmflow_ray.config_loading import load_config
+    from lmflow_ray.inference import SamplingParams, make_engine
     from lmflow_ray.models.peft_utils import merge_lora
     from lmflow_ray.models.zoo import fetch_model
 
     base = str(fetch_model("smollm2-135m-instruct"))
     sets = [f"output_dir={tmp / 'unused'}"] + (["lora.enabled=true", "lora.r=8"] if lora else [])
     cfg = load_config(RaftConfig, REPO / "configs" / "raft_smollm2.yaml", sets)
-    config, plan = trainer_setup(cfg, base, 10)
+    config, plan = trainer_setup(cfg, base, 10, "finetune")
     group = TrainerGroup("policy", "finetune", config, plan, 1, 1.0, False)
     perturb(group, lora)
-    sent = group.weights(adapter_only=lora)
     lora_spec = {"r": 8, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)} if lora else None
-    weights = {"id": "bench", "refs": sent["refs"], "adapter": lora, "lora": lora_spec}
     # The reference answers: HF on the same weights (LoRA: the adapter merged into the base).
     saved = group.save(str(tmp / ("adapter" if lora else "full")))
     reference_dir = merge_lora(base, saved, str(tmp / "merged")) if lora else saved
     expected = [g[0].text for g in make_engine("hf", reference_dir).chat(PROMPTS, SamplingParams(**GREEDY))]
-    out = {"bytes": sent["bytes"], "trainer_gather_put_s": round(sent["seconds"], 3)}
+    out = {}
+    rank0 = group.actors[0]
     for engine in ("hf", "vllm"):
-        actor = GenerationActor.options(num_cpus=1).remote(engine, base, None, 1, 8 if lora else None)
-        ray.get(actor.__ray_call__.remote(lambda self: None))  # the engine has loaded
-        t0 = time.time()
-        ray.get(actor.sync.remote(weights))
-        seconds = time.time() - t0
-        got = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, weights))
-        out[engine] = {"sync_s": round(seconds, 3),
-                       "greedy_equals_reference": [s["responses"][0] for s in got] == expected}
-        ray.kill(actor)
+        for transport in ("object_store", "collective"):
+            actor = GenerationActor.options(num_cpus=1).remote(engine, base, None, 1, 8 if lora else None)
+            ray.get(actor.__ray_call__.remote(lambda self: None))  # the engine has loaded
+            if transport == "collective":  # the run opens its group once, before the first iteration
+                host, port = ray.get(rank0.serve_sync.remote(2))
+                ray.get([rank0.join_sync.remote(host, port, 2, "gloo"), actor.join_sync.remote(host, port, 1, 2, "gloo")])
+            t0 = time.time()
+            sent = group.weights(lora, transport)
+            weights = {"id": f"bench-{transport}", "adapter": lora, "lora": lora_spec,
+                       **{k: sent[k] for k in ("refs", "manifest") if k in sent}}
+            calls = [actor.sync.remote(weights)] + ([rank0.send_weights.remote()] if transport == "collective" else [])
+            ray.get(calls)
+            seconds = time.time() - t0
+            got = ray.get(actor.generate.remote(PROMPTS, 1, GREEDY, weights["id"]))
+            out["bytes"] = sent["bytes"]
+            out[f"{engine}_{transport}"] = {
+                "sync_s": round(seconds, 3), "trainer_gather_s": round(sent["seconds"], 3),
+                "greedy_equals_reference": [s["responses"][0] for s in got] == expected}
+            print(json.dumps({f"{engine}_{transport}": out[f"{engine}_{transport}"]}), file=sys.stderr, flush=True)
+            ray.kill(actor)
     group.close()
     return out
 

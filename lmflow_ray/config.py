@@ -1,19 +1,15 @@
-"""Typed job configs: YAML files plus `--set a.b=c` overrides, validated by pydantic.
+"""The job schemas (pydantic): what each command's YAML may hold, with defaults and checks.
 
 Every job config has `model` (zoo name or path), `data` (a path or `{path, type, ...}`)
 and `output_dir`. Unknown keys, wrong types and impossible combinations are reported as
-one `UserError` line naming the file and the key, before any Ray worker starts.
+one `UserError` line naming the file and the key (config_loading.py), before any Ray worker starts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from lmflow_ray.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TEMPLATE_NAMES = (
     "chatml", "llama3", "llama2", "qwen2", "phi3", "zephyr", "gemma", "deepseek",
@@ -108,90 +104,6 @@ class JobConfig(Strict):
         if not v.strip():
             raise ValueError("must not be empty; give a zoo name or path")
         return v
-
-
-C = TypeVar("C", bound=BaseModel)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise UserError(f"--set '{item}': expected key=value, e.g. --set train.lr=1e-4")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set '{item}': empty key part; use dotted keys like train.lr=1e-4")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            if isinstance(node.get(k), str) and k == "data":
-                node[k] = {"path": node[k]}
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"--config {p} is a directory; pass a YAML file, e.g. {p / 'config.yaml'}")
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}; pass an existing YAML file with --config")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{where}: invalid YAML ({problem}); fix the syntax at that position") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text at byte {e.start}; save the config as UTF-8") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
-    return raw
-
-
-BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def format_validation_error(err: ValidationError, source: str) -> UserError:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
-        elif e["type"] in BOUNDS:
-            (limit,) = e["ctx"].values()
-            msg = f"must be {BOUNDS[e['type']]} {limit} (got {e['input']!r})"
-        elif e["type"] == "missing":
-            msg = "missing required key"
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if "input" in e and not isinstance(e["input"], dict) and e["type"] != "value_error":
-                msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: key '{key}': {msg}" if key else f"{source}: {msg}")
-    return UserError(lines[0], details=lines[1:])
-
-
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None) -> C:
-    raw = read_yaml(path) if path else dict(base or {})
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        raise format_validation_error(err, str(path) if path else "config") from None
 
 
 # ----------------------------------------------------------------------------- finetuning
@@ -363,10 +275,6 @@ class DPOConfig(FinetuneConfig):
     dpo: DPOSettings = DPOSettings()
 
 
-def config_class(task: str) -> type[FinetuneConfig]:
-    return {"finetune": FinetuneConfig, "reward-model": RewardModelConfig, "dpo": DPOConfig}[task]
-
-
 # ----------------------------------------------------------------------------- RAFT
 
 
@@ -379,8 +287,12 @@ class GenerationSettings(Strict):
     max_tokens: AtLeast1 = 64
     temperature: NonNegative = 1.0
     top_p: Probability = 1.0
-    # Restarts of a generation actor that dies; its in-flight call is retried on the new one.
+    # Restarts of a generation actor that dies; its in-flight call is retried on the new one
+    # (object_store weight sync only: a collective group cannot take a restarted member back).
     max_restarts: AtLeast0 = 2
+    # How new policy weights reach the generation actors: object_store (Ray's object store) or
+    # collective (a broadcast group of trainer rank 0 and the actors: gloo on CPU, NCCL on GPUs).
+    weight_sync: Literal["object_store", "collective"] = "object_store"
     # Place the generation actors as one Ray placement group (one bundle of cpus/gpus_per_actor each):
     # PACK (same node where possible), SPREAD, STRICT_PACK, STRICT_SPREAD; None: Ray's default scheduling.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] | None = None

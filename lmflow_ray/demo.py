@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 
-from lmflow_ray.train.run import REPO_ROOT
+from lmflow_ray.train.deepspeed_config import REPO_ROOT
 
 HELDOUT = REPO_ROOT / "examples" / "data" / "kv2json_heldout.json"
 
 
 def run_demo(args) -> int:
-    from lmflow_ray.config import FinetuneConfig, load_config
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config_loading import load_config
     from lmflow_ray.eval.accuracy import exact_match
     from lmflow_ray.inference.hf import chat_generate
     from lmflow_ray.models.loading import load_for_generation

@@ -220,7 +220,8 @@ SFT = "examples/data/sft_tiny.json"
 
 def make_cfg(repo: Path, out: Path, data: str = SFT, **sets):
     """The finetune tests' config: tiny-llama SFT, 2 workers, ZeRO-2, 16 steps (one epoch), checkpoints every 8."""
-    from lmflow_ray.config import FinetuneConfig, load_config
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config_loading import load_config
 
     base = {
         "model": "tiny-llama",

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lmflow_ray.config import DPOConfig, RewardModelConfig, load_config
+from lmflow_ray.config import DPOConfig, RewardModelConfig
+from lmflow_ray.config_loading import load_config
 from lmflow_ray.train.run import run_finetune
 
 

@@ -110,7 +110,8 @@ def test_pair_tokenization_skips_and_scored_lists(tiny_llama):
 
 def test_reward_spec_checked_without_loading_weights(tmp_path):
     from lmflow_ray.errors import UserError
-    from lmflow_ray.eval.reward import FORMAT_FILE, RewardScorer
+    from lmflow_ray.eval.reward import RewardScorer
+    from lmflow_ray.models.loading import REWARD_FORMAT_FILE
 
     f = tmp_path / "my_reward.py"
     f.write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
@@ -118,7 +119,7 @@ def test_reward_spec_checked_without_loading_weights(tmp_path):
     assert fn(["p"], ["abc"]) == [3.0]
     rm = tmp_path / "rm"
     (rm / "model").mkdir(parents=True)
-    (rm / "model" / FORMAT_FILE).write_text("{}")  # no weights: check() must not try to load them
+    (rm / "model" / REWARD_FORMAT_FILE).write_text("{}")  # no weights: check() must not try to load them
     assert RewardScorer.check(str(rm)) == rm / "model"
     for spec, says in ((f"{f}:nope", "has no function 'nope'"), ("no_such_module_xyz:f", "cannot import"),
                        (str(tmp_path), "neither a reward model")):

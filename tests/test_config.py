@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmflow_ray.config import FinetuneConfig, load_config
+from lmflow_ray.config import FinetuneConfig
+from lmflow_ray.config_loading import load_config
 from lmflow_ray.errors import UserError
 
 BASE = {"model": "tiny-llama", "data": "d.json", "output_dir": "o"}

@@ -97,7 +97,7 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
     from lmflow_ray.data.formats import normalize
     from lmflow_ray.data.tokenize import tokenize_conversation
     from lmflow_ray.models.loading import load_causal_lm, load_tokenizer
-    from lmflow_ray.train.objectives import token_nll_sum
+    from lmflow_ray.models.scoring import token_nll_sum
 
     tok, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
     sums, counts = [], []

@@ -12,7 +12,7 @@ from conftest import random_lora, run_cli
 
 from lmflow_ray.cli import main
 from lmflow_ray.errors import UserError
-from lmflow_ray.inference.engine import SamplingParams, make_engine
+from lmflow_ray.inference import SamplingParams, make_engine
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived"]
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 
-from lmflow_ray.config import IterativeDPOConfig, load_config
+from lmflow_ray.config import IterativeDPOConfig
+from lmflow_ray.config_loading import load_config
 
 
 def _held_out_reward(model, prompts) -> float:
     from lmflow_ray.eval.reward_functions import letter_share
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.inference import SamplingParams, make_engine
 
     groups = make_engine("hf", model).chat(prompts, SamplingParams(max_tokens=24, temperature=1.0, n=8, seed=0))
     responses = [c.text for g in groups for c in g]

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmflow_ray.config import FinetuneConfig, load_config
-from lmflow_ray.inference.engine import make_engine
+from lmflow_ray.config import FinetuneConfig
+from lmflow_ray.config_loading import load_config
+from lmflow_ray.inference import make_engine
 
 TRAINED, LONG = 64, 256
 CORPUS = Path(__file__).resolve().parents[1] / "lmflow_ray" / "models" / "tiny_corpus.txt"

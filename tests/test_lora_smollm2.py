@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from lmflow_ray.config import FinetuneConfig, load_config
+from lmflow_ray.config import FinetuneConfig
+from lmflow_ray.config_loading import load_config
 from lmflow_ray.eval.accuracy import exact_match
 from lmflow_ray.train.run import run_finetune
 

@@ -2,8 +2,10 @@
 
 GRPO: a private head (node 1, custom resource `trainer_node`) and a second raylet joined to it with
 `ray start --address` (its own temp dir, custom resource `rollout_node`) form the cluster; the job
-runs as a user runs it, `lmflow-ray ppo` with RAY_ADDRESS. The weights reach node 2 through Ray's
-object store: while the run goes, nothing appears under OUT but metrics.jsonl.
+runs as a user runs it, `lmflow-ray ppo` with RAY_ADDRESS. The weights reach the two generation
+actors on node 2 over a gloo broadcast group with trainer rank 0 on node 1
+(`generation.weight_sync: collective`; the object-store path is the RAFT/PPO tests' default):
+while the run goes, nothing appears under OUT but metrics.jsonl.
 
 Node loss: a 2-worker finetune spread over two nodes (`scaling.placement_strategy: SPREAD`, one
 `slot` resource per node) whose second node is killed mid-run. Elastic (`scaling.num_workers:
@@ -51,7 +53,8 @@ def _run_and_check(repo, tmp_path, env, gcs):
     args = [sys.executable, "-m", "lmflow_ray", "ppo", "--config", str(repo / "configs" / "ppo_tiny.yaml"),
             "--set", f"output_dir={out}", "--set", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
             "--set", "ppo.estimator=grpo", "--set", "ppo.iterations=4",
-            "--set", "generation.resources={rollout_node: 1}", "--set", "scaling.resources={trainer_node: 1}"]
+            "--set", "generation.resources={rollout_node: 1}", "--set", "scaling.resources={trainer_node: 1}",
+            "--set", "generation.actors=2", "--set", "generation.weight_sync=collective"]
     log = open(tmp_path / "run.log", "w+")
     proc = subprocess.Popen(args, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     seen: set[str] = set()
@@ -70,7 +73,7 @@ def _run_and_check(repo, tmp_path, env, gcs):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward_mean"] for r in rows]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4] and rewards[-1] > rewards[0], rewards
-    assert all(r["sync_transport"] == "ray-object-store" for r in rows)
+    assert all(r["sync_transport"] == "gloo" and r["sync_bytes"] > 0 for r in rows)
 
     placement = json.loads((out / "run.json").read_text())["placement"]
     nodes = json.loads(subprocess.run(

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from lmflow_ray.train.loop import lr_lambda
-from lmflow_ray.train.objectives import micro_batch_loss_scale, token_nll_sum
+from lmflow_ray.models.scoring import token_nll_sum
+from lmflow_ray.train.objectives import micro_batch_loss_scale
+from lmflow_ray.train.step import lr_lambda
 
 
 def test_token_nll_sum_on_hand_numbers():

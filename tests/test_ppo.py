@@ -16,7 +16,8 @@ import math
 import pytest
 from conftest import run_cli
 
-from lmflow_ray.config import PPOConfig, load_config
+from lmflow_ray.config import PPOConfig
+from lmflow_ray.config_loading import load_config
 
 
 def _run(repo, out, *overrides):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lmflow_ray.align.advantages import AdaptiveKL, advantages, gae, group_advantages, returns_to_go, token_rewards, whiten
-from lmflow_ray.config import PPOConfig, load_config
+from lmflow_ray.config import PPOConfig
+from lmflow_ray.config_loading import load_config
 from lmflow_ray.errors import UserError
 from lmflow_ray.train.objectives import k3_kl, ppo_policy_loss, ppo_value_loss
 from lmflow_ray.train.tasks import collate_rollouts
@@ -184,18 +185,22 @@ def test_one_ppo_loss_step_moves_log_probs_with_the_advantage_sign(tiny_llama):
     so the ratio starts at 1 inside the clip range and every token carries gradient)."""
     from transformers import AutoModelForCausalLM
 
+    from lmflow_ray.models.scoring import next_token_logps
+    from lmflow_ray.train.plan import Plan
     from lmflow_ray.train.tasks import PolicyGradientTask
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    task = PolicyGradientTask(None, {"ppo": {"clip_range": 0.2, "estimator": "ppo", "kl_coef": 0.0}})
+    plan = Plan(task="policy-gradient", model_path=str(tiny_llama), tokenizer_path=str(tiny_llama), ds_config={},
+                bf16=False, pad_id=0, total_steps=1, accumulation=1,
+                ppo={"clip_range": 0.2, "estimator": "ppo", "kl_coef": 0.0})
+    task = PolicyGradientTask(None, plan)
     prompt, responses = [11, 12, 13], ([21, 22, 23, 24], [31, 32, 33, 34])
 
     def logps() -> torch.Tensor:
         ids = torch.tensor([prompt + r for r in responses])
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[:, :-1].log_softmax(-1)
-        return torch.gather(logits, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)[:, len(prompt) - 1:]
+            return next_token_logps(model(input_ids=ids).logits, ids)[:, len(prompt) - 1:]
 
     before = logps()
     batch = {"input_ids": [prompt + r for r in responses], "prompt_len": [len(prompt)] * 2,

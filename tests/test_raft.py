@@ -5,7 +5,8 @@
   run); weights reach the engines through Ray's object store, nothing is written under OUT between
   iterations but metrics.jsonl; a LoRA policy syncs only its adapter, merged once at the end.
 - Weight sync: after `sync`, an HF or vLLM generation actor's greedy text changes and equals
-  HF generation from the new weights, without restarting the engine.
+  HF generation from the new weights, without restarting the engine; also when the weights are
+  broadcast over a gloo group (`generation.weight_sync: collective`).
 - A generation actor killed mid-call is restarted by Ray and the retried call completes with
   the weights it asked for.
 """
@@ -19,7 +20,8 @@ import time
 
 import pytest
 
-from lmflow_ray.config import RaftConfig, load_config
+from lmflow_ray.config import RaftConfig
+from lmflow_ray.config_loading import load_config
 
 PROMPTS = [[{"role": "user", "content": "Where does the cat see the red ball?"}],
            [{"role": "user", "content": "Where does a dog find a small boat?"}]]
@@ -56,17 +58,18 @@ def test_raft_raises_the_reward(raft_run):
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "reward.png", "run.json"]
 
 
-def _check_sync(engine: str, base: str, trained: str, prompts=PROMPTS, params=GREEDY):
-    """After sync, the actor's greedy text changes and equals HF generation from the trained weights."""
+def _check_sync(engine: str, base: str, trained: str, prompts=PROMPTS, params=GREEDY, push=None):
+    """After sync (`push(actor)` returns the new weights' id; default: from the trained model's directory),
+    the actor's greedy text changes and equals HF generation from the trained weights."""
     import ray
 
     from lmflow_ray.align.actors import GenerationActor
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.inference import SamplingParams, make_engine
 
     actor = GenerationActor.options(num_cpus=1).remote(engine, base)
     before = ray.get(actor.generate.remote(prompts, 1, params, base))
-    ray.get(actor.sync.remote(trained))
-    after = ray.get(actor.generate.remote(prompts, 1, params, trained))
+    wid = push(actor) if push else ray.get(actor.sync.remote(trained))
+    after = ray.get(actor.generate.remote(prompts, 1, params, wid))
     ray.kill(actor)
     expected = [g[0].text for g in make_engine("hf", trained).chat(prompts, SamplingParams(**params))]
     assert [s["responses"][0] for s in before] != expected  # the new weights answer differently
@@ -75,6 +78,44 @@ def _check_sync(engine: str, base: str, trained: str, prompts=PROMPTS, params=GR
 
 def test_weight_sync_reaches_the_running_hf_engine(raft_run, tiny_llama):
     _check_sync("hf", str(tiny_llama), str(raft_run[0] / "model"))
+
+
+def test_weights_broadcast_over_a_gloo_group_reach_the_running_hf_engine(raft_run, tiny_llama):
+    """generation.weight_sync: collective's path: a sender (trainer rank 0's part) and the generation actor
+    join one gloo group; the buckets are broadcast, not put in the object store."""
+    import ray
+
+    from lmflow_ray.align.actors import _model_files
+    from lmflow_ray.align.weight_sync import Collective, buckets, manifest
+
+    @ray.remote(num_cpus=0)
+    class Sender:
+        def __init__(self, model_dir):
+            self.parts, self.group = buckets(_model_files(model_dir), bucket_mb=1), Collective()
+
+        def serve(self, world):
+            return self.group.serve(world)
+
+        def join(self, host, port, world):
+            self.group.join(host, port, 0, world, "gloo")
+            return manifest(self.parts)
+
+        def send(self):
+            self.group.send(self.parts)
+
+    trained = str(raft_run[0] / "model")
+
+    def push(actor):
+        sender = Sender.remote(trained)
+        host, port = ray.get(sender.serve.remote(2))
+        plan, _ = ray.get([sender.join.remote(host, port, 2), actor.join_sync.remote(host, port, 1, 2, "gloo")])
+        assert len(plan) > 1  # several buckets
+        weights = {"id": "broadcast-1", "manifest": plan, "adapter": False, "lora": None}
+        wid, _ = ray.get([actor.sync.remote(weights), sender.send.remote()])
+        ray.kill(sender)
+        return wid
+
+    _check_sync("hf", str(tiny_llama), trained, push=push)
 
 
 def test_weight_sync_reaches_the_running_vllm_engine(ray_session, smollm2, tmp_path):
@@ -139,7 +180,7 @@ def test_raft_with_lora_syncs_adapters_and_overlaps(ray_session, repo, tmp_path,
 
     from lmflow_ray.align.actors import GenerationActor
     from lmflow_ray.align.raft import run_raft
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.inference import SamplingParams, make_engine
 
     out = tmp_path / "raft_lora"
     cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",

@@ -107,7 +107,7 @@ def test_n_choices_seed_and_stop(client):
 
 
 def test_models_are_listed_and_routed_by_model_field(client, tiny_llama, tiny_adapter):
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.inference import SamplingParams, make_engine
 
     listed = {m.id: m for m in client.models.list().data}
     assert set(listed) == {"smollm2", "tiny", "tiny-lora"}

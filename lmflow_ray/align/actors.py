@@ -2,7 +2,8 @@
 
 - `GenerationActor`: one engine (vLLM, or HF) sampling K responses per prompt, with per-token
   log-probs. `sync(weights)` puts new policy weights into the running engine without
-  restarting it: weights sent through Ray's object store by the trainer group (HF:
+  restarting it: weights sent by the trainer group through Ray's object store or broadcast over
+  the weight-sync group (weight_sync.py) (HF:
   load_state_dict; vLLM: a node-local scratch copy written by this actor and `reload_weights`
   through collective_rpc, the tied output head re-packed on CPU, the prefix cache reset: its
   KV blocks belong to the old weights), only a LoRA adapter (HF: peft state swap; vLLM: a new
@@ -38,7 +39,8 @@ def weights_id(weights) -> str:
 
 
 def _unshare(state: dict) -> dict:
-    """Tensors that share storage (a tied head and its embeddings) as separate ones: safetensors refuses aliases."""
+    """Tensors that share storage (a tied head and its embeddings, views of one received bucket) as separate
+    ones: safetensors refuses aliases."""
     seen, out = set(), {}
     for name, t in state.items():
         ptr = t.untyped_storage().data_ptr()
@@ -58,7 +60,7 @@ class GenerationActor:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import tempfile
 
-        from lmflow_ray.inference.engine import make_engine
+        from lmflow_ray.inference import make_engine
 
         self.kind, self.weights, self.base = engine, model_dir, model_dir
         # vLLM takes LoRA adapters only when built for them (a policy trained with LoRA syncs adapters).
@@ -66,7 +68,7 @@ class GenerationActor:
         self.engine = make_engine(engine, model_dir, template=template, **kw)
         # Node-local scratch for weights that arrive through Ray but must be read from files (vLLM on CPU).
         self.scratch = tempfile.mkdtemp(prefix="lmflow-sync-")
-        self.loras = 0
+        self.loras, self.collective = 0, None
 
     def generate(self, prompts: list, k: int, params: dict, weights) -> list[dict]:
         """K samples per prompt: {"prompt_text", "prompt_ids", "responses", "response_ids", "logps", "tokens",
@@ -93,18 +95,33 @@ class GenerationActor:
                         "finished": [c.finish_reason == "stop" for c in group]})
         return out
 
+    def join_sync(self, host: str, port: int, rank: int, world: int, backend: str) -> None:
+        """Become `rank` of the weight-sync group whose rank 0 is the policy trainer (weight_sync.py)."""
+        from lmflow_ray.align.weight_sync import Collective
+
+        self.collective = Collective()
+        self.collective.join(host, port, rank, world, backend)
+
     def sync(self, weights) -> str:
         """Load new policy weights into the running engine; returns the id of the weights now in use.
 
-        `weights` is a model directory, or {"id", "refs", "adapter", "lora"} from a trainer group:
-        full weights (or, with "adapter", only the LoRA adapter) in buckets in Ray's object store.
+        `weights` is a model directory, or {"id", "adapter", "lora"} from a trainer group with either
+        "refs" (buckets in Ray's object store) or "manifest" (buckets broadcast over the weight-sync
+        group): full weights, or with "adapter" only the LoRA adapter.
         """
         if isinstance(weights, str):
             self._sync_dir(weights)
         else:
             state = {}
-            for bucket in ray.get(list(weights["refs"])):
-                state.update(bucket)
+            if "manifest" in weights:
+                if self.collective is None:
+                    raise RuntimeError(f"weights {weights['id']} were broadcast over the weight-sync group, which this "
+                                       "generation actor is not in (restarted after a crash?); resume the run from "
+                                       "its last run checkpoint")
+                state = self.collective.receive(weights["manifest"])
+            else:
+                for bucket in ray.get(list(weights["refs"])):
+                    state.update(bucket)
             if weights.get("adapter"):
                 self._sync_adapter(state, weights["lora"], weights["id"])
             elif self.kind == "vllm":
@@ -115,7 +132,7 @@ class GenerationActor:
                 folder = os.path.join(self.scratch, "weights")
                 shutil.rmtree(folder, ignore_errors=True)
                 os.makedirs(folder)
-                save_file(_unshare(state), os.path.join(folder, "model.safetensors"))
+                save_file(_unshare({k: v.cpu() for k, v in state.items()}), os.path.join(folder, "model.safetensors"))
                 self._sync_dir(folder)
                 shutil.rmtree(folder, ignore_errors=True)
             else:
@@ -144,7 +161,7 @@ class GenerationActor:
             self.loras += 1
             folder = os.path.join(self.scratch, f"adapter{self.loras}")
             config.save_pretrained(folder)
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "adapter_model.safetensors"))
+            save_file(_unshare({k: v.cpu() for k, v in state.items()}), os.path.join(folder, "adapter_model.safetensors"))
             old = self.engine.lora_request
             self.engine.lora_request = LoRARequest(f"policy{self.loras}", self.loras, folder)
             if old is not None:
@@ -239,11 +256,10 @@ class ReferenceActor:
 
         Token ids, not text: the exact tokens the policy sampled (a decode/encode round trip can differ).
         """
-        import torch
+        from lmflow_ray.models.scoring import next_token_logps
 
         def fn(ids, mask):
             ids, mask = ids.to(self.model.device), mask.to(self.model.device)
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            return next_token_logps(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids)
 
         return _per_response_token(fn, self.pad_id, prompt_ids, response_ids)

@@ -11,11 +11,12 @@ SPREAD them across nodes); the reward and reference actors take `reward_actor` /
 laptop); each trainer rank takes `scaling.cpus_per_worker` (and a GPU with
 `scaling.use_gpu`); Ray places them on a cluster.
 
-Per iteration the controller calls `prompts(it)` (the next slice of a shuffled Ray Dataset
-of the prompt file, cycling), `rollout(batch, k, seed)` (the batch split across the
+Per iteration the controller calls `prompts(it)` (the next slice of the prompt file in a
+seeded shuffled order, cycling), `rollout(batch, k, seed)` (the batch split across the
 generation actors), `score(...)`, then `update(rows)`: the trainer group fits the rows
-(optimizer state and LR schedule carried over) and its rank 0 sends the new weights through
-Ray's object store to every generation actor (only the adapter for LoRA policies). Nothing is
+(optimizer state and LR schedule carried over) and its rank 0 sends the new weights to every
+generation actor (only the adapter for LoRA policies) through Ray's object store or, with
+`generation.weight_sync: collective`, over a broadcast group (weight_sync.py). Nothing is
 written under OUT between iterations but metrics.jsonl; OUT/model (LoRA: merged once, at the
 end) when the run finishes.
 """
@@ -24,12 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import time
 from pathlib import Path
 
 from lmflow_ray.align.actors import weights_id
 from lmflow_ray.errors import RunInterrupted, UserError
+from lmflow_ray.models.zoo import is_adapter
+from lmflow_ray.plots import plot_curves
+from lmflow_ray.train.plan import Plan
 
 STATE_FILE = "run_state.json"
 
@@ -48,7 +53,6 @@ class Graph:
     def __init__(self, cfg, out: Path, policy_task: str, total_steps: int, settings: dict | None = None,
                  trainer_overrides: dict | None = None):
         import ray
-        import ray.data
 
         from lmflow_ray.align.actors import GenerationActor, ReferenceActor, RewardActor
         from lmflow_ray.align.trainer import TrainerGroup, trainer_setup
@@ -72,31 +76,34 @@ class Graph:
             raise UserError(f"{cfg.data.path}: instance {empty} has an empty prompt; remove it or give it text")
         self.cfg, self.out = cfg, out
         self.base = str(resolve_model(cfg.model))
-        if (Path(self.base) / "adapter_config.json").is_file():
+        if is_adapter(self.base):
             raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or "
                             "start from its base with lora.enabled")
         if cfg.generation.engine == "vllm":
             from lmflow_ray.inference.vllm_engine import check_vllm_model
 
             check_vllm_model(self.base, on_gpu=cfg.generation.gpus_per_actor > 0)
-        policy_cfg, policy_plan = trainer_setup(cfg, self.base, total_steps, settings, **(trainer_overrides or {}))
+        policy_cfg, policy_plan = trainer_setup(cfg, self.base, total_steps, policy_task, settings,
+                                                **(trainer_overrides or {}))
         out.mkdir(parents=True, exist_ok=True)  # an existing empty dir is fine, as for finetune
         init_ray()
         self.gens, self.reward, self.ref, self.pg, self.trainers = [], None, None, None, {}
+        self.transport = "ray-object-store"  # or the weight-sync group's backend (gloo, nccl)
         self.log = open(out / "metrics.jsonl", "a")
         self.rows: list[dict] = []
         try:
             g = cfg.generation
             seed = next(getattr(cfg, k) for k in ("raft", "ppo", "iterative_dpo") if hasattr(cfg, k))
-            # The prompts as a Ray Dataset, shuffled once; each iteration takes the next slice, cycling.
-            pool = ray.data.from_items([{"i": i} for i in range(len(self.all_prompts))]).random_shuffle(seed=seed.seed)
-            self.order = [row["i"] for row in pool.iter_rows()]
+            # The prompt order, shuffled once (seeded); each iteration takes the next slice, cycling.
+            self.order = list(range(len(self.all_prompts)))
+            random.Random(seed.seed).shuffle(self.order)
             threads = max(1, int(g.cpus_per_actor))
             lora_rank = cfg.lora.r if cfg.lora.enabled else None
             self.pg = _placement_group(g)
             custom = {} if self.pg is not None else {"resources": dict(g.resources)}  # else in the bundles
+            restarts = g.max_restarts if g.weight_sync == "object_store" else 0
             self.gens = [GenerationActor.options(num_cpus=g.cpus_per_actor, num_gpus=g.gpus_per_actor,
-                                                 max_restarts=g.max_restarts, max_task_retries=g.max_restarts,
+                                                 max_restarts=restarts, max_task_retries=restarts,
                                                  **custom, **_bundle(self.pg, i))
                          .remote(g.engine, self.base, cfg.data.template, threads, lora_rank) for i in range(g.actors)]
             ra, fa = cfg.reward_actor, cfg.reference_actor
@@ -107,6 +114,8 @@ class Graph:
                                                    s.cpus_per_worker, s.use_gpu, g.placement_timeout_s, s.resources,
                                                    s.placement_strategy)
             self.policy = self.trainers["policy"]
+            if g.weight_sync == "collective":
+                self.transport = self._open_sync_group(use_gpu=s.use_gpu and g.gpus_per_actor > 0)
             # Which Ray node each actor runs on (run.json); waits until every actor has started.
             node = lambda a: a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())  # noqa: E731
             self.placement = {"generation": ray.get([node(a) for a in self.gens]),
@@ -121,7 +130,19 @@ class Graph:
         self.lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)} \
             if cfg.lora.enabled else None
 
-    def add_trainer(self, name: str, task: str, config: dict, plan: dict) -> None:
+    def _open_sync_group(self, use_gpu: bool) -> str:
+        """The weight-sync group (weight_sync.py): policy trainer rank 0 and every generation actor."""
+        import ray
+
+        backend = "nccl" if use_gpu else "gloo"
+        world = 1 + len(self.gens)
+        rank0 = self.policy.actors[0]
+        host, port = ray.get(rank0.serve_sync.remote(world))
+        ray.get([rank0.join_sync.remote(host, port, world, backend)]
+                + [a.join_sync.remote(host, port, i + 1, world, backend) for i, a in enumerate(self.gens)])
+        return backend
+
+    def add_trainer(self, name: str, task: str, config: dict, plan: Plan) -> None:
         from lmflow_ray.align.trainer import TrainerGroup
 
         s = self.cfg.scaling
@@ -224,8 +245,10 @@ class Graph:
         every trainer actor is probed rather than trusting the error's text."""
         import ray
 
+        # Generation actors are restarted by Ray, except in a weight-sync group, which cannot take one back.
+        gens = [("generation", self.gens)] if self.transport != "ray-object-store" else []
         for name, actors in [*(("trainer", t.actors) for t in self.trainers.values()),
-                             ("reward", [self.reward]), ("reference", [self.ref])]:
+                             ("reward", [self.reward]), ("reference", [self.ref]), *gens]:
             for actor in actors:
                 if actor is None:
                     continue
@@ -338,13 +361,16 @@ class Graph:
         import ray
 
         t0 = time.time()
-        sent = self.policy.weights(adapter_only=self.lora is not None)
-        step = self.policy.step
-        self.weights = {"id": f"policy-step-{step}", "refs": sent["refs"], "adapter": self.lora is not None,
-                        "lora": self.lora}
-        ray.get([a.sync.remote(self.weights) for a in self.gens])
+        collective = self.transport != "ray-object-store"
+        sent = self.policy.weights(self.lora is not None, "collective" if collective else "object_store")
+        self.weights = {"id": f"policy-step-{self.policy.step}", "adapter": self.lora is not None, "lora": self.lora,
+                        **{k: sent[k] for k in ("refs", "manifest") if k in sent}}
+        calls = [a.sync.remote(self.weights) for a in self.gens]
+        if collective:
+            calls.append(self.policy.actors[0].send_weights.remote())
+        ray.get(calls)
         return {"sync_s": time.time() - t0, "sync_gather_s": sent["seconds"], "sync_bytes": sent["bytes"],
-                "sync_transport": "ray-object-store" + ("/adapter" if self.lora else "")}
+                "sync_transport": self.transport + ("/adapter" if self.lora else "")}
 
     def record(self, row: dict, line: str) -> None:
         row["elapsed_s"] = time.time() - self.started
@@ -372,7 +398,7 @@ class Graph:
                 self.trainers["critic"].save(str((self.out / "critic").resolve()))
         finally:
             self.close()
-        plot(self.rows, curves, self.out / "reward.png")
+        plot_curves(self.rows, "iteration", curves, self.out / "reward.png", "reward", markers=True)
         (self.out / "run.json").write_text(json.dumps({
             "job": job, "config": self.cfg.model_dump(mode="json"), "iterations": self.rows,
             "placement": self.placement, "final_model": str(self.out / "model")}, indent=2))
@@ -405,22 +431,3 @@ def _bundle(pg, i: int) -> dict:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)}
-
-
-def plot(rows: list[dict], curves: dict[str, str], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in curves.items():
-        pts = [(r["iteration"], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("reward")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)

@@ -22,7 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from lmflow_ray.config import IterativeDPOConfig, load_config
+from lmflow_ray.config import IterativeDPOConfig
+from lmflow_ray.config_loading import load_config
 
 
 def preference_rows(roll: dict, scores: list[float], ref: list[list[float]], k: int,
@@ -53,7 +54,7 @@ def run_iterative_dpo(cfg: IterativeDPOConfig) -> list[dict]:
     total = d.iterations * cfg.train.num_epochs * max(1, d.prompts_per_iteration // per_step)
     # The reference's log-probs arrive with the pairs: no reference copy on the trainer ranks.
     dpo = {**cfg.dpo.model_dump(), "reference": "precompute"}
-    graph = Graph(cfg, out, "dpo", total, trainer_overrides={"kind": "dpo", "dpo": dpo})
+    graph = Graph(cfg, out, "dpo", total, trainer_overrides={"dpo": dpo})
     with graph.running():
         first, _ = graph.restore()
         for it in graph.iterations(first, d.iterations, d.time_budget_s):

@@ -32,7 +32,9 @@ import os
 import sys
 from pathlib import Path
 
-from lmflow_ray.config import PPOConfig, load_config
+from lmflow_ray.config import PPOConfig
+from lmflow_ray.config_loading import load_config
+from lmflow_ray.models.zoo import is_adapter
 
 UPDATE_METRICS = ("pg_loss", "vf_loss", "kl_loss", "clipfrac", "entropy", "approx_kl")
 
@@ -47,7 +49,7 @@ def check_critic(start: str, policy: str) -> tuple[str, bool]:
     from lmflow_ray.models.zoo import resolve_model
 
     path = resolve_model(start)
-    if (path / "adapter_config.json").is_file():
+    if is_adapter(path):
         raise UserError(f"ppo.critic_model {start} is a LoRA adapter; merge it first (lmflow-ray merge-lora)")
     config = json.loads((path / "config.json").read_text())
     vocab = json.loads((resolve_model(policy) / "config.json").read_text()).get("vocab_size")
@@ -95,9 +97,9 @@ def run_ppo(cfg: PPOConfig) -> list[dict]:
         start, from_lm = check_critic(p.critic_model or cfg.model, cfg.model)
         train = {**cfg.train.model_dump(), "lr": p.critic_lr or cfg.train.lr,
                  "max_grad_norm": cfg.train.max_grad_norm if p.critic_max_grad_norm is None else p.critic_max_grad_norm}
-        critic_cfg, critic_plan = trainer_setup(cfg, start, total, settings, train=train,
+        critic_cfg, critic_plan = trainer_setup(cfg, start, total, "value", settings, train=train,
                                                 lora={"enabled": False})
-        critic_plan.update(critic_from_lm=from_lm, tokenizer_path=str(_policy_dir(cfg)))
+        critic_plan = critic_plan.but(critic_from_lm=from_lm, tokenizer_path=str(_policy_dir(cfg)))
         critic_setup = (critic_cfg, critic_plan)
     # No LoRA dropout: the old log-probs (eval mode) and the first step's (train mode) must agree (ratio 1).
     graph = Graph(cfg, out, "policy-gradient", total, settings, {"lora": {**cfg.lora.model_dump(), "dropout": 0.0}})

@@ -29,7 +29,8 @@ import os
 import sys
 from pathlib import Path
 
-from lmflow_ray.config import RaftConfig, load_config
+from lmflow_ray.config import RaftConfig
+from lmflow_ray.config_loading import load_config
 
 
 def keep_best(rewards: list[list[float]], top: int, min_reward: float | None) -> list[tuple[int, int]]:

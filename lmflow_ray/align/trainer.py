@@ -10,8 +10,9 @@ sets up torch.distributed between them (gloo on CPU, NCCL on GPU; MASTER_ADDR/PO
   are counted (`rows_unused`), a different set each epoch.
 - `logps(prompt_ids, response_ids)` / `values(...)`: per-token log-probs of the policy, or the
   critic's values, computed by the engine itself (the same function the loss uses).
-- `weights(adapter_only)`: rank 0's weights (gathered first under ZeRO-3) put into Ray's object
-  store in buckets of at most `bucket_mb`; the generation actors load them from there.
+- `weights(adapter_only, transport)`: rank 0's weights (gathered first under ZeRO-3) in buckets
+  (weight_sync.py): put into Ray's object store, or kept for `send_weights`, a broadcast over the
+  weight-sync group (`serve_sync` / `join_sync`: gloo on CPU, NCCL on GPU) to the generation actors.
 - `save(dir)`: an HF directory (LoRA: the adapter) plus the tokenizer.
 
 The step itself is `train/step.py::optimizer_step`, the same function `lmflow-ray finetune` uses;
@@ -27,13 +28,15 @@ import time
 
 import ray
 
-BUCKET_MB = 256
+from lmflow_ray.align import weight_sync
+from lmflow_ray.train.plan import Plan
+
 CHECKPOINT_TAG = "ds"
 
 
 @ray.remote
 class TrainerActor:
-    def __init__(self, rank: int, world: int, task: str, config: dict, plan: dict):
+    def __init__(self, rank: int, world: int, task: str, config: dict, plan: Plan):
         self.rank, self.world, self.task_name, self.config, self.plan = rank, world, task, config, plan
 
     def address(self) -> str:
@@ -44,35 +47,28 @@ class TrainerActor:
         import torch
         import torch.distributed as dist
 
-        from lmflow_ray.config import config_class
-        from lmflow_ray.train.loop import lr_lambda
-        from lmflow_ray.train.step import deepspeed_for_training
-        from lmflow_ray.train.tasks import make_task
+        from lmflow_ray.train.step import build_engine
+        from lmflow_ray.train.tasks import TASKS
 
         os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port), RANK=str(self.rank), WORLD_SIZE=str(self.world),
                           LOCAL_RANK="0", TOKENIZERS_PARALLELISM="false")
-        gpu = torch.cuda.is_available() and self.plan["use_gpu"]
+        gpu = torch.cuda.is_available() and self.plan.use_gpu
         if not dist.is_initialized():
             dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{master}:{port}",
                                     rank=self.rank, world_size=self.world)
-        threads = self.plan.get("threads")
+        threads = self.plan.threads
         if threads:
             torch.set_num_threads(threads)
-        cfg = config_class(self.plan.get("config_kind", "finetune")).model_validate(self.config)
+        cfg = TASKS[self.task_name].config_class.model_validate(self.config)
         self.cfg = cfg
-        self.task = make_task(self.task_name, cfg, self.plan)
+        self.task = TASKS[self.task_name](cfg, self.plan)
         torch.manual_seed(cfg.seed)
-        model = self.task.build_model()
-        t, total = cfg.train, self.plan["total_steps"]
-        warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total)
-        self.engine, _, _, _ = deepspeed_for_training().initialize(
-            model=model, model_parameters=self.task.param_groups(model), config=self.plan["ds_config"],
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total)),
-            dist_init_required=False)
-        self.stage = self.plan["ds_config"]["zero_optimization"].get("stage", 0)
+        self.engine = build_engine(self.task, cfg, self.plan.ds_config, self.plan.total_steps)
+        self.stage = self.plan.zero_stage
         self.task.setup(self.engine)
         self.step = 0
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # ZeRO-3 partitions each parameter: its full size is ds_numel.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ training
 
@@ -83,15 +79,15 @@ class TrainerActor:
         from lmflow_ray.train.step import optimizer_step
 
         if settings:
-            self.plan["ppo"] = {**(self.plan.get("ppo") or {}), **settings}
+            self.plan.ppo = {**self.plan.ppo, **settings}
             self.task.plan = self.plan
 
         t = self.cfg.train
-        gas = self.plan["accumulation"]
+        gas = self.plan.accumulation
         per_step = t.micro_batch_size * gas * self.world
         steps = len(rows) // per_step
         collate = self.task.collate
-        pad = self.plan["pad_id"]
+        pad = self.plan.pad_id
         totals: dict[str, float] = {}
         first: dict[str, float] = {}
         t0, n = time.time(), 0
@@ -129,7 +125,7 @@ class TrainerActor:
 
         mine = list(range(self.rank, len(prompt_ids), self.world))
         dummies = -(-len(prompt_ids) // self.world) - len(mine)
-        pad = self.plan["pad_id"]
+        pad = self.plan.pad_id
         self.engine.module.eval()
         out = _per_response_token(fn, pad, [prompt_ids[i] for i in mine] + [[pad]] * dummies,
                                   [response_ids[i] for i in mine] + [[pad]] * dummies)
@@ -137,12 +133,11 @@ class TrainerActor:
 
     def logps(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
         """log p(token | prefix) of every response token under the current policy (this rank's share)."""
-        import torch
+        from lmflow_ray.models.scoring import next_token_logps
 
         def fn(ids, mask):
             ids, mask = ids.to(self.engine.device), mask.to(self.engine.device)
-            logits = self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            return next_token_logps(self.engine(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids)
 
         return self._per_token(fn, prompt_ids, response_ids)
 
@@ -182,24 +177,34 @@ class TrainerActor:
         # (ray.put) writes its whole storage, i.e. the whole model once per tensor.
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
-    def weights(self, adapter_only: bool = False, bucket_mb: int = BUCKET_MB) -> dict | None:
-        """{"refs": [ObjectRef of {name: tensor}], "bytes", "seconds"} on rank 0 (None elsewhere)."""
+    def weights(self, adapter_only: bool = False, transport: str = "object_store") -> dict | None:
+        """Rank 0: {"bytes", "seconds"} plus, through the object store, "refs" (ObjectRefs of the buckets)
+        or, for the collective group, "manifest" (the buckets are kept for `send_weights`). None elsewhere."""
         t0 = time.time()
         state = self._state_dict(adapter_only)
         if state is None:
             return None
-        buckets, current, size = [], {}, 0
-        for name, tensor in state.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if current and size + nbytes > bucket_mb * 2**20:
-                buckets.append(current)
-                current, size = {}, 0
-            current[name] = tensor
-            size += nbytes
-        if current:
-            buckets.append(current)
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        return {"refs": [ray.put(b) for b in buckets], "bytes": total, "seconds": time.time() - t0}
+        parts = weight_sync.buckets(state)
+        out = {"bytes": weight_sync.nbytes(parts), "seconds": 0.0}
+        if transport == "collective":
+            self.outgoing = parts
+            out["manifest"] = weight_sync.manifest(parts)
+        else:
+            out["refs"] = [ray.put(b) for b in parts]
+        out["seconds"] = time.time() - t0
+        return out
+
+    def serve_sync(self, world: int) -> tuple[str, int]:
+        self.collective = weight_sync.Collective()
+        return self.collective.serve(world)
+
+    def join_sync(self, host: str, port: int, world: int, backend: str) -> None:
+        self.collective.join(host, port, 0, world, backend)
+
+    def send_weights(self) -> None:
+        """Broadcast the buckets the last `weights(transport="collective")` kept to the generation actors."""
+        parts, self.outgoing = self.outgoing, None
+        self.collective.send(parts)
 
     def save_checkpoint(self, path: str) -> None:
         """Engine, optimizer, scheduler (each rank its shard) and the step counter, for resuming the run."""
@@ -220,7 +225,7 @@ class TrainerActor:
         if self.rank != 0:
             return None
         self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.plan["tokenizer_path"]).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(self.plan.tokenizer_path).save_pretrained(out_dir)
         return out_dir
 
 
@@ -233,7 +238,7 @@ def _columns(rows: list[dict]) -> dict:
 class TrainerGroup:
     """The driver's handle on one trainer: its actors, their placement group, and the calls on every rank."""
 
-    def __init__(self, name: str, task: str, config: dict, plan: dict, num_workers: int, cpus_per_worker: float,
+    def __init__(self, name: str, task: str, config: dict, plan: Plan, num_workers: int, cpus_per_worker: float,
                  use_gpu: bool, placement_timeout_s: float = 120.0, resources: dict | None = None,
                  strategy: str = "PACK"):
         from ray.util.placement_group import placement_group
@@ -251,14 +256,14 @@ class TrainerGroup:
             raise UserError(f"the {name} trainer's {num_workers} worker(s) of {bundle} could not be placed within "
                             f"{placement_timeout_s:.0f}s (cluster: {ray.cluster_resources()}); lower scaling.num_workers "
                             "or scaling.cpus_per_worker") from None
-        plan = {**plan, "use_gpu": use_gpu, "threads": max(1, int(cpus_per_worker))}
+        plan = plan.but(use_gpu=use_gpu, threads=max(1, int(cpus_per_worker)))
         self.actors: list = []
         self.actors = [
             TrainerActor.options(
                 num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=self.pg,
                                                                      placement_group_bundle_index=i),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan["threads"])}},
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(plan.threads)}},
             ).remote(i, num_workers, task, config, plan)
             for i in range(num_workers)]
         try:
@@ -298,8 +303,8 @@ class TrainerGroup:
     def values(self, prompt_ids: list, response_ids: list) -> list[list[float]]:
         return self.reassemble(ray.get(self.per_token_async("values", prompt_ids, response_ids)))
 
-    def weights(self, adapter_only: bool = False) -> dict:
-        return ray.get([a.weights.remote(adapter_only) for a in self.actors])[0]
+    def weights(self, adapter_only: bool = False, transport: str = "object_store") -> dict:
+        return ray.get([a.weights.remote(adapter_only, transport) for a in self.actors])[0]
 
     def save(self, out_dir: str) -> str:
         return ray.get([a.save.remote(out_dir) for a in self.actors])[0]
@@ -327,19 +332,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None = None, kind: str = "finetune",
-                  **replace: dict) -> tuple[dict, dict]:
-    """(finetuning config, plan) of a trainer group for an RL job `cfg`, checked before any actor starts.
+def trainer_setup(cfg, model_path: str, total_steps: int, task: str, settings: dict | None = None,
+                  **replace: dict) -> tuple[dict, Plan]:
+    """(config, plan) of a trainer group running `task` (train/tasks.py) for an RL job `cfg`, checked before
+    any actor starts.
 
     The trainer reuses the finetuning config's keys (`train`, `lora`, `scaling`, `deepspeed`); `replace`
     swaps whole sections (the critic: its own learning rate and clipping, no LoRA).
     """
     from pydantic import ValidationError
 
-    from lmflow_ray.config import config_class, format_validation_error
+    from lmflow_ray.config_loading import format_validation_error
     from lmflow_ray.errors import UserError
     from lmflow_ray.models.loading import load_tokenizer
-    from lmflow_ray.train.run import fill_deepspeed, resolve_deepspeed
+    from lmflow_ray.train.deepspeed_config import fill_deepspeed, resolve_deepspeed
+    from lmflow_ray.train.tasks import TASKS
 
     raw = {"model": model_path, "data": {"path": cfg.data.path, "max_length": cfg.data.max_length,
                                          "template": cfg.data.template},
@@ -347,7 +354,7 @@ def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None 
            "scaling": cfg.scaling.model_dump(), "deepspeed": cfg.deepspeed}
     raw.update(replace)
     try:
-        ft = config_class(kind).model_validate(raw)
+        ft = TASKS[task].config_class.model_validate(raw)
     except ValidationError as err:
         raise format_validation_error(err, "config") from None
     if ft.lora.qlora and not ft.scaling.use_gpu:
@@ -358,8 +365,8 @@ def trainer_setup(cfg, model_path: str, total_steps: int, settings: dict | None 
         check_target_modules(empty_model(model_path), ft.lora.target_modules)
     t, s = ft.train, ft.scaling
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
-    plan = {"model_path": model_path, "tokenizer_path": model_path,
-            "ds_config": fill_deepspeed(resolve_deepspeed(ft.deepspeed), ft, bf16), "bf16": bf16,
-            "pad_id": load_tokenizer(model_path).pad_token_id, "total_steps": max(1, total_steps),
-            "accumulation": ft.gradient_accumulation_steps, "ppo": settings, "config_kind": kind}
+    plan = Plan(task=task, model_path=model_path, tokenizer_path=model_path,
+                ds_config=fill_deepspeed(resolve_deepspeed(ft.deepspeed), ft, bf16), bf16=bf16,
+                pad_id=load_tokenizer(model_path).pad_token_id, total_steps=max(1, total_steps),
+                accumulation=ft.gradient_accumulation_steps, ppo=settings or {})
     return ft.model_dump(mode="json"), plan

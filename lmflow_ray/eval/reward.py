@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmflow_ray.errors import UserError
-
-FORMAT_FILE = "lmflow_reward.json"
+from lmflow_ray.models.loading import REWARD_FORMAT_FILE
+from lmflow_ray.models.zoo import is_adapter
 
 
 def _load_function(spec: str) -> Callable:
@@ -62,7 +62,7 @@ class RewardScorer:
         if not path.exists() and ":" in spec:
             return _load_function(spec)
         for candidate in (path, path / "model"):
-            if (candidate / FORMAT_FILE).is_file():
+            if (candidate / REWARD_FORMAT_FILE).is_file():
                 return candidate
         raise UserError(f"reward '{spec}': neither a reward model (a `lmflow-ray reward-model` output dir) nor a "
                         "Python function module:function")
@@ -75,8 +75,8 @@ class RewardScorer:
         from lmflow_ray.models.loading import load_tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        fmt = json.loads((path / FORMAT_FILE).read_text())
-        if (path / "adapter_config.json").is_file():
+        fmt = json.loads((path / REWARD_FORMAT_FILE).read_text())
+        if is_adapter(path):
             from peft import AutoPeftModelForSequenceClassification
 
             model = AutoPeftModelForSequenceClassification.from_pretrained(
@@ -110,7 +110,7 @@ class RewardScorer:
             return scores
         import torch
 
-        from lmflow_ray.train.data import collate
+        from lmflow_ray.data.collate import collate
 
         out: list[float] = []
         pad = self.tokenizer.pad_token_id

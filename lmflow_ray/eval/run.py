@@ -39,7 +39,7 @@ def response_perplexity(model, tokenizer, prompt_texts: list[str], responses: li
     """exp(mean NLL of the response tokens given the prompt), over all responses' tokens."""
     import torch
 
-    from lmflow_ray.train.objectives import token_nll_sum
+    from lmflow_ray.models.scoring import token_nll_sum
 
     total, count = 0.0, 0
     for p, r in zip(prompt_texts, responses):
@@ -58,7 +58,7 @@ def response_perplexity(model, tokenizer, prompt_texts: list[str], responses: li
 def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward: str | None = None,
              engine: str = "hf", params=None, template: str | None = None, batch_size: int = 16) -> dict:
     from lmflow_ray.eval.metrics import diversity
-    from lmflow_ray.inference.engine import SamplingParams, make_engine
+    from lmflow_ray.inference import SamplingParams, make_engine
     from lmflow_ray.models.zoo import resolve_model
 
     if not metrics:

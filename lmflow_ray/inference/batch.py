@@ -38,7 +38,7 @@ class EngineWorker:
         import os
 
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from lmflow_ray.inference.engine import make_engine
+        from lmflow_ray.inference import make_engine
 
         self.engine = make_engine(kind, model, **engine_kw)
         self.dtype, self.params = dtype, SamplingParams(**params)

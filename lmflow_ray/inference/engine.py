@@ -99,15 +99,3 @@ class Engine(ABC):
         prompts = [self.chat_prompt(msgs, system) for msgs in conversations]
         return self.generate(prompts, params, add_special_tokens=False)
 
-
-def make_engine(kind: str, model, **kw) -> Engine:
-    """An engine of `kind` ("hf" | "vllm") for a zoo name, model dir, training output or adapter dir."""
-    if kind == "hf":
-        from lmflow_ray.inference.hf import HFEngine
-
-        return HFEngine.load(model, **kw)
-    if kind == "vllm":
-        from lmflow_ray.inference.vllm_engine import VLLMEngine
-
-        return VLLMEngine.load(model, **kw)
-    raise UserError(f"unknown engine '{kind}'; use hf or vllm")

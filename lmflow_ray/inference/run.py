@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmflow_ray.errors import UserError
-from lmflow_ray.inference.engine import Engine, SamplingParams, make_engine
+from lmflow_ray.inference import Engine, SamplingParams, make_engine
 
 PROMPT_TYPES = ("text2text", "conversation", "text_only")
 

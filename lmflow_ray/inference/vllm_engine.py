@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
-from lmflow_ray.models.zoo import base_and_adapter
+from lmflow_ray.models.zoo import adapter_config, base_and_adapter
 
 
 def _cuda() -> bool:
@@ -122,7 +122,7 @@ class VLLMEngine(Engine):
         base_dir, path = base_and_adapter(model)
         lora = None
         if path is not None:
-            adapter = json.loads((path / "adapter_config.json").read_text())
+            adapter = adapter_config(path)
             engine_kwargs.update(enable_lora=True, max_lora_rank=max(max_lora_rank, int(adapter.get("r", 8))))
             lora = LoRARequest("adapter", 1, str(path))
         else:
@@ -140,7 +140,8 @@ class VLLMEngine(Engine):
         tok_dir = path if (Path(path) / "tokenizer_config.json").is_file() else base
         return cls(llm, load_tokenizer(tok_dir), lora, template)
 
-    def _params(self, params: SamplingParams, n: int | None = None):
+    def sampling_params(self, params: SamplingParams, n: int | None = None):
+        """Our SamplingParams as vLLM's (the serve backend submits requests to the engine with them)."""
         from vllm import SamplingParams as VSP
 
         return VSP(
@@ -149,11 +150,12 @@ class VLLMEngine(Engine):
             logprobs=params.top_logprobs if params.logprobs else None,
         )
 
-    def _prompt(self, prompt: str, add_special_tokens: bool) -> dict:
+    def prompt_input(self, prompt: str, add_special_tokens: bool) -> dict:
+        """A prompt as vLLM's input: token ids from our tokenizer (special tokens as the caller says)."""
         return {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]}
 
     def generate(self, prompts: list[str], params: SamplingParams, add_special_tokens: bool = True) -> list[list[Completion]]:
-        outputs = self.llm.generate([self._prompt(p, add_special_tokens) for p in prompts], self._params(params),
+        outputs = self.llm.generate([self.prompt_input(p, add_special_tokens) for p in prompts], self.sampling_params(params),
                                     lora_request=self.lora_request, use_tqdm=False)
         return [[self._completion(o, params) for o in out.outputs] for out in outputs]
 
@@ -164,7 +166,7 @@ class VLLMEngine(Engine):
     def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True) -> Iterator[str]:
         engine = self.llm.llm_engine
         request_id = f"stream-{uuid.uuid4().hex}"
-        engine.add_request(request_id, self._prompt(prompt, add_special_tokens), self._params(params, n=1),
+        engine.add_request(request_id, self.prompt_input(prompt, add_special_tokens), self.sampling_params(params, n=1),
                            lora_request=self.lora_request)
         sent = ""
         while engine.has_unfinished_requests():

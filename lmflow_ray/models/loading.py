@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmflow_ray.models.zoo import resolve_model
+from lmflow_ray.models.zoo import is_adapter, resolve_model
+
+# Written into a reward model's output dir by `lmflow-ray reward-model`: how pairs were formatted in
+# training, so that scoring (eval/reward.py) formats them the same way.
+REWARD_FORMAT_FILE = "lmflow_reward.json"
 
 
 def load_tokenizer(model: str | Path, trust_remote_code: bool = False):
@@ -61,7 +65,7 @@ def load_for_generation(model: str | Path, dtype=None):
     import torch
 
     path = resolve_model(str(model))
-    if (path / "adapter_config.json").is_file():
+    if is_adapter(path):
         from peft import AutoPeftModelForCausalLM
 
         m = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)

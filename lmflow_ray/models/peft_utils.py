@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from lmflow_ray.errors import UserError
+from lmflow_ray.models.zoo import adapter_config
 
 
 def check_target_modules(model, target_modules: list[str]) -> None:
@@ -81,7 +82,6 @@ def check_adapter_fits(base: str, adapter: str) -> Path:
     mismatch is named before any weights load: peft would otherwise fail with a
     state_dict size-mismatch traceback.
     """
-    import json
 
     from safetensors import safe_open
 
@@ -91,10 +91,11 @@ def check_adapter_fits(base: str, adapter: str) -> Path:
         adapter_dir = resolve_model(adapter)
     except UserError:  # say what an adapter dir must hold, not what a model dir must
         adapter_dir = Path(adapter)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    config = adapter_config(adapter_dir)
+    if config is None:
         raise UserError(f"adapter {adapter}: no adapter_config.json in {adapter_dir}; pass a LoRA output dir "
                         "(lmflow-ray finetune with lora.enabled writes one in OUT/model)")
-    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    trained_on = config.get("base_model_name_or_path")
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         return adapter_dir

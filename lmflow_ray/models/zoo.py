@@ -63,9 +63,9 @@ def resolve_model(name_or_path: str, fetch: bool = True) -> Path:
     if path.is_dir() and is_model_dir(path / "model"):
         # An output directory of a training command (OUT/model/ holds the model).
         return path / "model"
-    if path.is_dir() and (path / "adapter_config.json").is_file():
+    if path.is_dir() and is_adapter(path):
         return path
-    if path.is_dir() and (path / "model" / "adapter_config.json").is_file():
+    if path.is_dir() and is_adapter(path / "model"):
         return path / "model"
     raise UserError(
         f"model not found: '{name_or_path}' is neither a zoo name ({', '.join(zoo_names())}) "
@@ -73,12 +73,22 @@ def resolve_model(name_or_path: str, fetch: bool = True) -> Path:
     )
 
 
+def adapter_config(path: str | Path) -> dict | None:
+    """The peft config of a LoRA adapter directory (adapter_config.json), or None for anything else."""
+    file = Path(path) / "adapter_config.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
 def base_and_adapter(name_or_path: str) -> tuple[Path, Path | None]:
     """(base model dir, LoRA adapter dir or None) of a zoo name, model dir, training output or adapter dir."""
     path = resolve_model(str(name_or_path))
-    if (path / "adapter_config.json").is_file():
-        trained_on = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        return resolve_model(str(trained_on)), path
+    config = adapter_config(path)
+    if config is not None:
+        return resolve_model(str(config.get("base_model_name_or_path"))), path
     return path, None
 
 

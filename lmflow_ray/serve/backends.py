@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import queue
 import threading
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from lmflow_ray.config import rope_factor
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
+from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.serve.config import ModelSpec
 
 
@@ -55,7 +55,7 @@ class HFBackend(Backend):
                                     rope_scaling=spec.rope_scaling, max_batch_size=spec.max_batch_size)
         model = self.engine.model
         # A model given as an adapter dir is base + that adapter (peft names it "default").
-        self.own_adapter = "default" if (resolve_model(spec.path) / "adapter_config.json").is_file() else None
+        self.own_adapter = "default" if is_adapter(resolve_model(spec.path)) else None
         if spec.adapters:
             from peft import PeftModel
 
@@ -137,12 +137,11 @@ class VLLMBackend(Backend):
         from vllm.lora.request import LoRARequest
 
         from lmflow_ray.inference.vllm_engine import VLLMEngine
-        from lmflow_ray.models.zoo import resolve_model
+        from lmflow_ray.models.zoo import adapter_config, resolve_model
 
         extra = {}
         if spec.adapters:
-            ranks = [int(json.loads((resolve_model(p) / "adapter_config.json").read_text()).get("r", 8))
-                     for p in spec.adapters.values()]
+            ranks = [int(adapter_config(resolve_model(p)).get("r", 8)) for p in spec.adapters.values()]
             extra = {"enable_lora": True, "max_loras": len(spec.adapters) + 1, "max_lora_rank": max(ranks + [8])}
         self.engine = VLLMEngine.load(spec.path, template=spec.template, max_model_len=spec.max_model_len or 2048, **extra)
         self.loras = {name: LoRARequest(name, i + 2, str(resolve_model(path)))
@@ -200,10 +199,10 @@ class VLLMBackend(Backend):
         rid = uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         lora = self.loras[adapter] if adapter else self.engine.lora_request
-        vparams = self.engine._params(params)
+        vparams = self.engine.sampling_params(params)
         # Whole answers only: vLLM then gathers the n samples of a request into one output.
         vparams.output_kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE
-        self._inbox.put(("add", rid, self.engine._prompt(prompt, add_special_tokens), vparams,
+        self._inbox.put(("add", rid, self.engine.prompt_input(prompt, add_special_tokens), vparams,
                          lora, (asyncio.get_running_loop(), q)))
         self._wake.set()
         finished = False

@@ -22,9 +22,8 @@ from lmflow_ray.config import (
     Positive,
     Strict,
     check_rope_scaling,
-    format_validation_error,
-    read_yaml,
 )
+from lmflow_ray.config_loading import format_validation_error, read_yaml
 from lmflow_ray.errors import UserError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")

@@ -168,3 +168,25 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def choice(c, kind: str, logprobs: bool, decode) -> dict:
+    """A completion as the ingress returns it: text, finish reason, token count and (when asked) OpenAI's
+    logprobs shape for `kind` ("chat" or "completion"); `decode` turns token ids into text."""
+    out = {"text": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids), "logprobs": None}
+    if logprobs and c.logprobs is not None:
+        tokens = [decode([t]) for t in c.token_ids]
+        top = c.top_logprobs or [[] for _ in tokens]
+        if kind == "chat":
+            out["logprobs"] = {"content": [
+                {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                 "top_logprobs": [{"token": decode([a]), "logprob": alp, "bytes": list(decode([a]).encode())}
+                                  for a, alp in alts]}
+                for t, lp, alts in zip(tokens, c.logprobs, top)]}
+        else:
+            # OpenAI's legacy shape: per position the top alternatives and always the sampled token.
+            out["logprobs"] = {"tokens": tokens, "token_logprobs": c.logprobs,
+                               "top_logprobs": [{**{decode([a]): alp for a, alp in alts}, t: lp}
+                                                for t, lp, alts in zip(tokens, c.logprobs, top)],
+                               "text_offset": [sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]}
+    return out

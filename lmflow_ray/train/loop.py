@@ -16,69 +16,23 @@ model in HF format, then reloads it with plain transformers to check the logits 
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import tempfile
 import time
 from pathlib import Path
 
+import ray.train
+import torch
+
+from lmflow_ray.models.peft_utils import lisa_select
+from lmflow_ray.models.zoo import is_adapter
+from lmflow_ray.train.plan import Plan
+from lmflow_ray.train.step import build_engine, optimizer_step
+from lmflow_ray.train.tasks import TASKS
+
 CHECKPOINT_TAG = "ds"
 STATE_FILE = "trainer_state.json"
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-
-    return f
-
-
-def build_model(cfg, plan, head: str = "causal"):
-    """The model to train: a causal LM, or (head="reward") the same backbone with a one-score head."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from lmflow_ray.models.loading import set_rope_scaling
-    from lmflow_ray.models.peft_utils import apply_lora
-
-    dtype = torch.bfloat16 if plan["bf16"] else torch.float32
-    hf_config = AutoConfig.from_pretrained(plan["model_path"], trust_remote_code=cfg.trust_remote_code)
-    if cfg.rope_scaling:
-        set_rope_scaling(hf_config, dict(cfg.rope_scaling))
-    kwargs = {}
-    if cfg.lora.qlora:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
-        )
-    cls = AutoModelForCausalLM
-    if head == "reward":
-        cls = AutoModelForSequenceClassification
-        hf_config.num_labels = 1
-        hf_config.pad_token_id = plan["pad_id"]  # the score is read at the last non-pad token
-    model = cls.from_pretrained(
-        plan["model_path"], config=hf_config, dtype=dtype, use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code, **kwargs,
-    )
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.lora.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    if cfg.lora.enabled:
-        lo = cfg.lora
-        model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, cfg.train.gradient_checkpointing,
-                           task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
-    return model
 
 
 class MetricsLog:
@@ -105,8 +59,6 @@ class MetricsLog:
 
 
 def _save_checkpoint(engine, state: dict, metrics: dict, rank: int):
-    import ray.train
-
     with tempfile.TemporaryDirectory(prefix="lmflow-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
         if rank == 0:
@@ -123,8 +75,6 @@ def _restore(engine, resume_path: str | None, world: int, rank: int):
     merged and re-partitioned over the new ranks. Other checkpoints keep their weights, schedule and
     step but restart the moments (said on the console).
     """
-    import ray.train
-
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and resume_path:
         ckpt = ray.train.Checkpoint(resume_path)
@@ -142,8 +92,6 @@ def _restore(engine, resume_path: str | None, world: int, rank: int):
 
 def _load_resharded(engine, d: str, shards: list, world: int, rank: int) -> None:
     """Load a ZeRO-1/2 checkpoint written by `len(shards)` ranks onto `world` ranks."""
-    import torch
-
     zero = engine._config.zero_config
     keep = zero.load_from_fp32_weights
     zero.load_from_fp32_weights = False  # the engine cannot read shards of another layout: module weights first
@@ -177,8 +125,6 @@ def _gather_state_dict(engine, stage: int):
 
 def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe, kind: str = "causal"):
     """Save OUT/model (HF format) and verify it: reload with transformers, compare logits (or reward scores)."""
-    import torch
-
     engine.module.eval()
     with torch.no_grad():
         ref = engine(input_ids=probe).logits.float()
@@ -190,7 +136,7 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
     model_dir = out / "model"
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(model_dir)
-    if (model_dir / "adapter_config.json").exists():
+    if is_adapter(model_dir):
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
 
         if kind == "reward":  # the base's own config has no one-score head: say so
@@ -207,123 +153,135 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
     return float((got - ref).abs().max())
 
 
+class Recipe:
+    """One Ray Train worker's run, read top to bottom as torchtune's recipes read: `__init__` sets up
+    (config, task, DeepSpeed engine, restored state, dataset shards), `train` runs the epochs (each
+    optimizer step through step.py::optimizer_step; `_after_step` logs, evaluates and checkpoints),
+    `save` writes OUT/model and the last checkpoint."""
+
+    def __init__(self, args: dict):
+        plan: Plan = args["plan"]
+        self.plan = plan
+        self.cfg = cfg = TASKS[plan.task].config_class.model_validate(args["config"])
+        self.task = TASKS[plan.task](cfg, plan)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.out = Path(plan.output_dir)
+        # The global batch is fixed; an elastic run that lost workers accumulates more micro-batches per step.
+        self.gas = plan.global_batch // (cfg.train.micro_batch_size * self.world)
+        ds_config = {**plan.ds_config, "gradient_accumulation_steps": self.gas, "train_batch_size": plan.global_batch}
+        torch.manual_seed(cfg.seed)
+        self.engine = build_engine(self.task, cfg, ds_config, plan.total_steps)
+        self.task.setup(self.engine)
+        self.state = _restore(self.engine, plan.resume_checkpoint, self.world, self.rank) \
+            or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
+        self.log = MetricsLog(self.out / "metrics.jsonl", self.state["step"]) if self.rank == 0 else None
+        if self.rank == 0 and self.state["step"]:
+            print(f"[lmflow-ray] resumed at step {self.state['step']} (epoch {self.state['epoch']}) on {self.world} "
+                  "worker(s)", flush=True)
+        self.lisa_layers = None
+        if cfg.lisa.enabled:
+            self._lisa()
+        self.shard = ray.train.get_dataset_shard("train")
+        self.eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+        self.probe = None  # the first batch's rows: the save check compares logits on them
+        self.t0, self.steps_timed = time.time(), 0
+        self.window_tokens, self.window_start = 0.0, self.t0  # tokens/s over the steps since the last log line
+
+    def _lisa(self) -> None:
+        lisa = self.cfg.lisa
+        self.lisa_layers = lisa_select(self.engine.module, lisa.active_layers, self.state["step"] // lisa.interval_steps,
+                                       self.cfg.seed)
+
+    def _batches(self, shard, batch_size: int):
+        return shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                        collate_fn=lambda b: self.task.collate(b, self.plan.pad_id))
+
+    def train(self) -> None:
+        state, t, total = self.state, self.cfg.train, self.plan.total_steps
+        done = state["step"] >= total
+        if self.eval_shard is not None and state["step"] == 0 and not done:
+            # The starting point of every eval curve (e.g. a reward model's ~50% accuracy before training).
+            start = {"step": 0, "epoch": 0, **self.task.evaluate(self.engine, self.eval_shard, t.micro_batch_size,
+                                                                  self.plan.pad_id)}
+            if self.rank == 0:
+                self.log.write({**start, "time": time.time()})
+                print("[lmflow-ray] step 0 eval: " + " ".join(f"{k} {v:.4f}" for k, v in start.items()
+                                                              if k.startswith("eval_")), flush=True)
+        while not done and state["epoch"] < t.num_epochs:
+            batches = iter(self._batches(self.shard, t.micro_batch_size))
+            for _ in range(state["step_in_epoch"] * self.gas):
+                next(batches)  # already trained on before the restart
+            while state["step_in_epoch"] < self.plan.steps_per_epoch and not done:
+                self.engine.module.train()
+                micro = [next(batches) for _ in range(self.gas)]
+                if self.probe is None:
+                    self.probe = micro[0]["input_ids"][:2, :64].clone()
+                result = optimizer_step(self.engine, self.task, micro, self.world)
+                state["step"] += 1
+                state["step_in_epoch"] += 1
+                state["tokens"] += int(result.seen)
+                self.window_tokens += result.seen
+                self.steps_timed += 1
+                if self.cfg.lisa.enabled and state["step"] % self.cfg.lisa.interval_steps == 0:
+                    self._lisa()
+                done = state["step"] >= total
+                self._after_step(result, done)
+            if state["step_in_epoch"] >= self.plan.steps_per_epoch:
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+
+    def _after_step(self, result, done: bool) -> None:
+        """Every `logging_steps` a metrics row and a progress line; evaluation and checkpoints when due."""
+        state, t = self.state, self.cfg.train
+        is_log = state["step"] % t.logging_steps == 0 or done
+        is_save = bool(t.save_steps) and state["step"] % t.save_steps == 0 and not done
+        is_eval = self.eval_shard is not None and (done or (t.eval_steps and state["step"] % t.eval_steps == 0))
+        if not (is_log or is_save or is_eval):
+            return
+        elapsed = time.time() - self.t0
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "step": state["step"], "epoch": state["epoch"], "loss": result.loss,
+            "lr": self.engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            **self.task.report(result.stats, max(result.units, 1)),
+            "tokens_per_s": self.window_tokens / max(time.time() - self.window_start, 1e-9),
+            self.task.unit: int(result.units),
+            "tokens_seen": state["tokens"], "elapsed_s": elapsed,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        if self.lisa_layers is not None:
+            metrics["lisa_layers"] = self.lisa_layers
+        if is_eval:
+            metrics.update(self.task.evaluate(self.engine, self.eval_shard, t.micro_batch_size, self.plan.pad_id))
+        if self.rank == 0:
+            total = self.plan.total_steps
+            eta = (total - state["step"]) * elapsed / max(self.steps_timed, 1)
+            self.log.write({**metrics, "time": time.time()})
+            ev = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+            print(f"[lmflow-ray] step {state['step']}/{total} loss {metrics['loss']:.4f}{ev} "
+                  f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
+        if is_save:
+            _save_checkpoint(self.engine, dict(state), metrics, self.rank)
+        self.window_tokens, self.window_start = 0.0, time.time()
+
+    def save(self) -> None:
+        """OUT/model (checked by reloading it) and the final checkpoint."""
+        if self.probe is None:  # resumed a finished run: nothing new to train on, probe any batch
+            first = next(iter(self.shard.iter_torch_batches(
+                batch_size=1, collate_fn=lambda b: self.task.collate(b, self.plan.pad_id))))
+            self.probe = first["input_ids"][:, :64]
+        diff = _save_model(self.engine, self.plan.zero_stage, self.rank, self.out, self.plan.tokenizer_path, self.probe,
+                           self.task.model_kind)
+        state = self.state
+        final = {"step": state["step"], "epoch": state["epoch"], "final": True, "tokens_seen": state["tokens"]}
+        if self.rank == 0:
+            final["save_check_max_abs_diff"] = diff
+        _save_checkpoint(self.engine, dict(state), final, self.rank)
+
+
 def train_worker(args: dict) -> None:
-    import ray.train
-    import torch
-
-    from lmflow_ray.config import config_class
-    from lmflow_ray.models.peft_utils import lisa_select
-    from lmflow_ray.train.step import deepspeed_for_training, optimizer_step
-    from lmflow_ray.train.tasks import make_task
-
-    plan = args["plan"]
-    cfg = config_class(plan["task"]).model_validate(args["config"])
-    task = make_task(plan["task"], cfg, plan)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    out = Path(plan["output_dir"])
-    steps_per_epoch, total_steps = plan["steps_per_epoch"], plan["total_steps"]
-    # The global batch is fixed; an elastic run that lost workers accumulates more micro-batches per step.
-    gas = plan["global_batch"] // (cfg.train.micro_batch_size * world)
-    ds_config = {**plan["ds_config"], "gradient_accumulation_steps": gas, "train_batch_size": plan["global_batch"]}
-    torch.manual_seed(cfg.seed)
-
-    model = task.build_model()
-    t = cfg.train
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
-    engine, _, _, _ = deepspeed_for_training().initialize(
-        model=model,
-        model_parameters=task.param_groups(model),
-        config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total_steps)),
-        dist_init_required=False,
-    )
-    stage = plan["ds_config"]["zero_optimization"]["stage"]
-    task.setup(engine)
-    state = _restore(engine, plan.get("resume_checkpoint"), world, rank) \
-        or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
-    log = MetricsLog(out / "metrics.jsonl", state["step"]) if rank == 0 else None
-    if rank == 0 and state["step"]:
-        print(f"[lmflow-ray] resumed at step {state['step']} (epoch {state['epoch']}) on {world} worker(s)", flush=True)
-    lisa_layers = None
-    if cfg.lisa.enabled:
-        lisa_layers = lisa_select(engine.module, cfg.lisa.active_layers, state["step"] // cfg.lisa.interval_steps, cfg.seed)
-
-    shard = ray.train.get_dataset_shard("train")
-    eval_shard = ray.train.get_dataset_shard("eval") if plan.get("has_eval") else None
-    pad_id = plan["pad_id"]
-    probe = None
-    t0, steps_timed = time.time(), 0
-    window_tokens, window_start = 0.0, t0  # tokens/s is measured over the steps since the last log line
-    done = state["step"] >= total_steps
-    if eval_shard is not None and state["step"] == 0 and not done:
-        # The starting point of every eval curve (e.g. a reward model's ~50% accuracy before training).
-        start = {"step": 0, "epoch": 0, **task.evaluate(engine, eval_shard, t.micro_batch_size, pad_id)}
-        if rank == 0:
-            log.write({**start, "time": time.time()})
-            print("[lmflow-ray] step 0 eval: " + " ".join(f"{k} {v:.4f}" for k, v in start.items()
-                                                          if k.startswith("eval_")), flush=True)
-    while not done and state["epoch"] < t.num_epochs:
-        batches = iter(shard.iter_torch_batches(batch_size=t.micro_batch_size, drop_last=True,
-                                                collate_fn=lambda b: task.collate(b, pad_id)))
-        for _ in range(state["step_in_epoch"] * gas):
-            next(batches)  # already trained on before the restart
-        while state["step_in_epoch"] < steps_per_epoch:
-            engine.module.train()
-            micro = [next(batches) for _ in range(gas)]
-            if probe is None:
-                probe = micro[0]["input_ids"][:2, :64].clone()
-            result = optimizer_step(engine, task, micro, world)
-            global_tokens, global_seen = result.units, result.seen
-            state["step"] += 1
-            state["step_in_epoch"] += 1
-            state["tokens"] += int(global_seen)
-            window_tokens += global_seen
-            steps_timed += 1
-            if cfg.lisa.enabled and state["step"] % cfg.lisa.interval_steps == 0:
-                lisa_layers = lisa_select(engine.module, cfg.lisa.active_layers,
-                                          state["step"] // cfg.lisa.interval_steps, cfg.seed)
-            done = state["step"] >= total_steps
-            is_log = state["step"] % t.logging_steps == 0 or done
-            is_save = bool(t.save_steps) and state["step"] % t.save_steps == 0 and not done
-            is_eval = eval_shard is not None and (done or (t.eval_steps and state["step"] % t.eval_steps == 0))
-            if not (is_log or is_save or is_eval):
-                continue
-            elapsed = time.time() - t0
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {
-                "step": state["step"], "epoch": state["epoch"], "loss": result.loss,
-                "lr": engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                **task.report(result.stats, max(global_tokens, 1)),
-                "tokens_per_s": window_tokens / max(time.time() - window_start, 1e-9),
-                task.unit: int(global_tokens),
-                "tokens_seen": state["tokens"], "elapsed_s": elapsed,
-                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            }
-            if lisa_layers is not None:
-                metrics["lisa_layers"] = lisa_layers
-            if is_eval:
-                metrics.update(task.evaluate(engine, eval_shard, t.micro_batch_size, plan["pad_id"]))
-            if rank == 0:
-                eta = (total_steps - state["step"]) * elapsed / max(steps_timed, 1)
-                log.write({**metrics, "time": time.time()})
-                ev = f" eval_loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
-                print(f"[lmflow-ray] step {state['step']}/{total_steps} loss {metrics['loss']:.4f}{ev} "
-                      f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
-            if is_save:
-                _save_checkpoint(engine, dict(state), metrics, rank)
-            window_tokens, window_start = 0.0, time.time()
-            if done:
-                break
-        if state["step_in_epoch"] >= steps_per_epoch:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-
-    if probe is None:  # resumed a finished run: nothing new to train on, probe any batch
-        first = next(iter(shard.iter_torch_batches(batch_size=1, collate_fn=lambda b: task.collate(b, pad_id))))
-        probe = first["input_ids"][:, :64]
-    diff = _save_model(engine, stage, rank, out, plan["tokenizer_path"], probe, task.model_kind)
-    final = {"step": state["step"], "epoch": state["epoch"], "final": True, "tokens_seen": state["tokens"]}
-    if rank == 0:
-        final["save_check_max_abs_diff"] = diff
-    _save_checkpoint(engine, dict(state), final, rank)
+    """The function Ray Train runs on every worker."""
+    recipe = Recipe(args)
+    recipe.train()
+    recipe.save()

@@ -11,20 +11,7 @@ contributes its token sum divided by the global N; see `micro_batch_loss_scale`.
 
 from __future__ import annotations
 
-
-def token_nll_sum(logits, labels):
-    """(sum of -log p over learned tokens, number of learned tokens); labels -100 are ignored.
-
-    Position t predicts token t+1, so logits[:, :-1] are scored against labels[:, 1:].
-    """
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return total, (shift_labels != -100).sum()
+from lmflow_ray.models.scoring import token_logps
 
 
 def micro_batch_loss_scale(world_size: int, accumulation_steps: int, global_tokens: int) -> float:
@@ -54,16 +41,6 @@ def pairwise_reward_loss(r_chosen, r_rejected, margin=None):
     if margin is not None:
         diff = diff - margin.float()
     return -F.logsigmoid(diff).sum()
-
-
-def token_logps(logits, labels):
-    """(log p of each next token, mask of learned tokens), both (rows, length - 1): position t scores token t + 1."""
-    import torch
-
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != -100
-    picked = torch.gather(logits[:, :-1, :].float().log_softmax(-1), 2, shift_labels.clamp(min=0).unsqueeze(-1))
-    return picked.squeeze(-1) * mask, mask
 
 
 def sequence_logps(logits, labels):

@@ -127,7 +127,7 @@ def collate_pairs(batch, pad_id: int) -> dict:
     import numpy as np
     import torch
 
-    from lmflow_ray.train.data import collate
+    from lmflow_ray.data.collate import collate
 
     stacked = {"input_ids": list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"]),
                "labels": list(batch["chosen_labels"]) + list(batch["rejected_labels"])}

@@ -17,10 +17,15 @@ import re
 import time
 from pathlib import Path
 
-from lmflow_ray.config import FinetuneConfig, load_config
+from lmflow_ray.config import FinetuneConfig
+from lmflow_ray.config_loading import load_config
 from lmflow_ray.errors import RunInterrupted, UserError
+from lmflow_ray.models.zoo import is_adapter
+from lmflow_ray.plots import plot_curves
+from lmflow_ray.train.deepspeed_config import fill_deepspeed, resolve_deepspeed
+from lmflow_ray.train.plan import Plan
+from lmflow_ray.train.tasks import TASKS, job_kind
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_NAME = "ray_train"
 STORAGE_FILE = "storage.json"  # OUT/storage.json: where this run's checkpoints live when not under OUT
 
@@ -47,44 +52,6 @@ def _filesystem(path: str, key: str = "storage_path"):
             raise UserError(f"{key}: {path} is not a storage URI pyarrow can open ({e}); use a local path, file://, "
                             "s3://, gs:// or hdfs://") from None
     return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
-
-
-def resolve_deepspeed(spec: str) -> dict:
-    candidates = [Path(spec), REPO_ROOT / "configs" / "deepspeed" / f"{spec}.json",
-                  Path.cwd() / "configs" / "deepspeed" / f"{spec}.json"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise UserError(f"deepspeed: '{spec}' is neither zero0|zero2|zero3|zero3_offload nor a JSON file path")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}:{e.colno}: invalid DeepSpeed JSON ({e.msg})") from None
-    ds.setdefault("zero_optimization", {"stage": 0})
-    return ds
-
-
-def fill_deepspeed(ds: dict, cfg: FinetuneConfig, bf16: bool) -> dict:
-    """Replace "auto" fields from the job config, so one JSON serves every job."""
-    t = cfg.train
-    gas = cfg.gradient_accumulation_steps
-    ds = json.loads(json.dumps(ds))
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    ds["gradient_accumulation_steps"] = gas
-    ds["train_batch_size"] = t.micro_batch_size * gas * cfg.scaling.num_workers
-    ds["gradient_clipping"] = t.max_grad_norm
-    ds["bf16"] = {"enabled": bf16}
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    params = opt.setdefault("params", {})
-    for key, value in (("lr", t.lr), ("betas", list(t.betas)), ("weight_decay", t.weight_decay)):
-        if params.get(key, "auto") == "auto":
-            params[key] = value
-    if cfg.scaling.elastic and ds["zero_optimization"].get("stage", 0) in (1, 2):
-        ds["zero_optimization"]["elastic_checkpoint"] = True  # shards re-partitioned when the worker count changes
-    if not cfg.scaling.use_gpu:
-        params["torch_adam"] = True  # DeepSpeed's fused/CPU Adam needs compiled ops
-        ds["zero_optimization"].pop("offload_optimizer", None)
-        ds["zero_optimization"].pop("offload_param", None)
-    return ds
 
 
 def find_checkpoint(path: str) -> str:
@@ -146,7 +113,7 @@ def preflight(cfg: FinetuneConfig) -> dict:
         raise UserError(f"output_dir {out} already holds a run; set resume_from: {out} to continue it, "
                         "or choose a new output_dir")
     model_path = resolve_model(cfg.model)
-    if (model_path / "adapter_config.json").is_file():
+    if is_adapter(model_path):
         raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or train its base")
     if cfg.lora.enabled or cfg.lisa.enabled:
         from lmflow_ray.models.peft_utils import check_target_modules, decoder_layers, empty_model
@@ -164,80 +131,10 @@ def preflight(cfg: FinetuneConfig) -> dict:
     return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
 
 
-def plot_loss(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over learned tokens)")
-    ax.set_title("training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
-def task_of(cfg: FinetuneConfig) -> str:
-    from lmflow_ray.config import DPOConfig, RewardModelConfig
-
-    kinds = ((DPOConfig, "dpo"), (RewardModelConfig, "reward-model"))
-    return next((name for cls, name in kinds if isinstance(cfg, cls)), "finetune")
-
-
-class _ReferenceScorer:
-    """Ray Data actor: sequence log-probs of both sides of each pair under the frozen reference model."""
-
-    def __init__(self, model_path: str, pad_id: int, bf16: bool):
-        import torch
-
-        from lmflow_ray.models.loading import load_causal_lm
-
-        self.pad_id = pad_id
-        self.model = load_causal_lm(model_path, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
-        if torch.cuda.is_available():
-            self.model = self.model.cuda()
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-        import torch
-
-        from lmflow_ray.train.objectives import sequence_logps
-        from lmflow_ray.train.pairs import collate_pairs
-
-        mb = collate_pairs(batch, self.pad_id)
-        dev = self.model.device
-        with torch.no_grad():
-            logits = self.model(input_ids=mb["input_ids"].to(dev), attention_mask=mb["attention_mask"].to(dev),
-                                use_cache=False).logits
-            logp, count = sequence_logps(logits, mb["labels"].to(dev))
-        n = len(batch["margin"])
-        batch["ref_logp"] = np.stack([logp[:n].cpu().numpy(), logp[n:].cpu().numpy()], axis=1)
-        batch["ref_count"] = np.stack([count[:n].cpu().numpy(), count[n:].cpu().numpy()], axis=1).astype(np.float32)
-        return batch
-
-
-def precompute_reference(ds, model_path: str, pad_id: int, bf16: bool, use_gpu: bool, batch_size: int = 8):
-    """One pass over the pairs with the reference model (a Ray Data actor), stored as columns."""
-    import ray.data
-
-    return ds.map_batches(_ReferenceScorer, fn_constructor_kwargs={"model_path": model_path, "pad_id": pad_id,
-                                                                   "bf16": bf16},
-                          batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
-                          num_gpus=1 if use_gpu else 0, num_cpus=1).materialize()
-
-
 def run_finetune(cfg: FinetuneConfig) -> dict:
     from lmflow_ray.runtime import init_ray
 
-    task = task_of(cfg)
+    task = job_kind(cfg)
     started = time.time()
     pre = preflight(cfg)
     ray = init_ray()
@@ -250,37 +147,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from ray.train.torch import TorchTrainer
 
     from lmflow_ray.models.loading import load_tokenizer
-    from lmflow_ray.train.data import build_token_dataset
     from lmflow_ray.train.loop import train_worker
 
     tokenizer = load_tokenizer(pre["model_path"])
     d = cfg.data
     t, s = cfg.train, cfg.scaling
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
-    ref_model_path = None
-    if task == "finetune":
-        dataset, eval_dataset, info = build_token_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
-                                                          d.packing, cfg.seed, d.eval_split)
-    else:
-        from lmflow_ray.train.pairs import PAIR_TYPES, build_pair_dataset
-
-        allowed = PAIR_TYPES if task == "reward-model" else ("paired_conversation", "paired_text_to_text")
-        dataset, eval_dataset, info = build_pair_dataset(d.path, d.type, pre["model_path"], d.template, d.max_length,
-                                                         cfg.seed, d.eval_split, allowed)
-        skipped = {k: v for k, v in info["skipped"].items() if v}
-        if skipped:
-            print(f"[lmflow-ray] skipped pairs: {skipped} (identical sides, empty responses, or cut by data.max_length)",
-                  flush=True)
-        if task == "dpo":
-            from lmflow_ray.models.zoo import resolve_model
-
-            ref_model_path = str(resolve_model(cfg.dpo.ref_model)) if cfg.dpo.ref_model else pre["model_path"]
-            if cfg.dpo.reference == "precompute" and not cfg.lora.enabled:
-                print("[lmflow-ray] precomputing reference log-probs (one Ray Data pass)", flush=True)
-                dataset = precompute_reference(dataset, ref_model_path, tokenizer.pad_token_id, bf16, s.use_gpu)
-                if eval_dataset is not None:
-                    eval_dataset = precompute_reference(eval_dataset, ref_model_path, tokenizer.pad_token_id, bf16,
-                                                        s.use_gpu)
+    dataset, eval_dataset, info, extras = TASKS[task].datasets(cfg, pre["model_path"], tokenizer.pad_token_id, bf16)
     per_step = t.micro_batch_size * s.num_workers * cfg.gradient_accumulation_steps
     steps_per_epoch = info["rows"] // per_step
     if steps_per_epoch == 0:
@@ -289,17 +162,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     total = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    plan = {
-        "model_path": pre["model_path"], "tokenizer_path": pre["model_path"], "output_dir": str(out),
-        "ds_config": fill_deepspeed(pre["ds"], cfg, bf16), "bf16": bf16, "pad_id": tokenizer.pad_token_id,
-        "resume_checkpoint": str(pre["resume"]) if pre["resume"] else None, "has_eval": eval_dataset is not None,
-        "accumulation": cfg.gradient_accumulation_steps, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-        "global_batch": per_step,
-        "task": task, "ref_model_path": ref_model_path,
-    }
+    plan = Plan(
+        task=task, model_path=pre["model_path"], tokenizer_path=pre["model_path"], output_dir=str(out),
+        ds_config=fill_deepspeed(pre["ds"], cfg, bf16), bf16=bf16, pad_id=tokenizer.pad_token_id,
+        resume_checkpoint=str(pre["resume"]) if pre["resume"] else None, has_eval=eval_dataset is not None,
+        accumulation=cfg.gradient_accumulation_steps, steps_per_epoch=steps_per_epoch, total_steps=total,
+        global_batch=per_step, **extras,
+    )
     workers = f"{s.min_workers}-{s.num_workers}" if s.elastic else str(s.num_workers)
     print(f"[lmflow-ray] {info['rows']} {'packed ' if info['packing'] else ''}rows of {info['type']}, "
-          f"{workers} worker(s), ZeRO-{plan['ds_config']['zero_optimization'].get('stage', 0)}, "
+          f"{workers} worker(s), ZeRO-{plan.zero_stage}, "
           f"{steps_per_epoch} steps/epoch, {total} steps"
           + (f", {info['eval_rows']} eval rows" if info["eval_rows"] else ""), flush=True)
     resume = pre["resume"]
@@ -337,16 +209,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if result.error:
         raise result.error
     final = dict(result.metrics or {})
-    if task == "reward-model":
-        # How pairs were formatted in training: RewardScorer formats (prompt, response) the same way.
-        from lmflow_ray.eval.reward import FORMAT_FILE
-
-        fmt = {"format": "conversation" if info["type"] == "paired_conversation" else "text2text",
-               "template": d.template, "max_length": d.max_length, "pad_token_id": tokenizer.pad_token_id}
-        (out / "model" / FORMAT_FILE).write_text(json.dumps(fmt) + "\n")
+    TASKS[task].finish(cfg, out / "model", info, tokenizer.pad_token_id)
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
-        plot_loss(metrics_path, out / "loss.png")
+        rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        plot_curves(rows, "step", {"loss": "loss"}, out / "loss.png", "loss (mean over learned tokens)", "training loss")
     import ray as ray_mod
     import torch
     import transformers
@@ -356,8 +223,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         "data": {"type": info["type"], "rows": info["rows"],
                  "instances": pre["data_summary"].instances,
                  "eval_rows": info["eval_rows"], "packing": info["packing"], "skipped_pairs": info.get("skipped")},
-        "plan": {k: plan[k] for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
-        "deepspeed": plan["ds_config"],
+        "plan": {k: getattr(plan, k) for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
+        "deepspeed": plan.ds_config,
         "versions": {"lmflow_ray": __import__("lmflow_ray").__version__, "ray": ray_mod.__version__,
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version()},
@@ -401,8 +268,6 @@ def _failure_line(error: Exception, out: Path, storage: str, run_name: str, cfg:
 
 def finetune_main(config_path: str, overrides: list[str], task: str = "finetune") -> int:
     """`lmflow-ray finetune | reward-model | dpo --config F`: one worker loop, three objectives."""
-    from lmflow_ray.config import config_class
-
-    cfg = load_config(config_class(task), config_path, overrides)
+    cfg = load_config(TASKS[task].config_class, config_path, overrides)
     run_finetune(cfg)
     return 0

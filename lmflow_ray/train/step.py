@@ -1,7 +1,8 @@
 """One optimizer step on a DeepSpeed engine: the piece every training loop shares.
 
 `lmflow-ray finetune`'s Ray Train worker (loop.py) and the RL trainer group (align/trainer.py)
-both call `optimizer_step` with the G micro-batches of one step. It counts the step's
+both build their engine with `build_engine` (the LR schedule of `lr_lambda`) and call
+`optimizer_step` with the G micro-batches of one step. It counts the step's
 normalisation units (learned tokens, pairs, response tokens) over all data-parallel ranks,
 scales each micro-batch's loss sum so the optimised loss is the mean over the whole global
 batch (objectives.micro_batch_loss_scale), runs backward/step for each micro-batch (DeepSpeed
@@ -11,6 +12,7 @@ the global loss and metric sums.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -30,6 +32,33 @@ def deepspeed_for_training():
     if "__compatible_ops__" not in vars(deepspeed.ops):
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     return deepspeed
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return f
+
+
+def build_engine(task, cfg, ds_config: dict, total_steps: int):
+    """The task's model in a DeepSpeed engine (torch.distributed already set up) with the job's LR
+    schedule over `total_steps` (warmup from `train.warmup_steps` or `warmup_ratio`)."""
+    import torch
+
+    model = task.build_model()
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
+    engine, _, _, _ = deepspeed_for_training().initialize(
+        model=model, model_parameters=task.param_groups(model), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total_steps)),
+        dist_init_required=False)
+    return engine
 
 
 def all_sum(values: list[float]) -> list[float]:

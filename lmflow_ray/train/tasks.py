@@ -9,7 +9,31 @@ normalisation, checkpoints, restarts, logging, saving): `finetune`, `reward-mode
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+
+import numpy as np
+import ray.data
+import torch
+
+from lmflow_ray.config import DPOConfig, FinetuneConfig, RewardModelConfig
+from lmflow_ray.data.collate import collate
+from lmflow_ray.models.build import build_model
+from lmflow_ray.models.loading import REWARD_FORMAT_FILE, load_causal_lm, load_value_model
+from lmflow_ray.models.scoring import token_nll_sum
+from lmflow_ray.models.zoo import resolve_model
+from lmflow_ray.train.data import build_token_dataset
+from lmflow_ray.train.objectives import (
+    dpo_loss,
+    k3_kl,
+    pairwise_reward_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_logps,
+)
+from lmflow_ray.train.pairs import PAIR_TYPES, build_pair_dataset, collate_pairs
+from lmflow_ray.train.step import all_sum
 
 
 def _forward_inputs(mb: dict, device) -> dict:
@@ -23,15 +47,32 @@ def _forward_inputs(mb: dict, device) -> dict:
 
 
 class Task:
+    """Next-token SFT / continued pretraining (`lmflow-ray finetune`; RAFT's policy update)."""
+
+    config_class: type[FinetuneConfig] = FinetuneConfig  # the job's YAML schema
     unit = "learned_tokens"
     model_kind = "causal"  # how OUT/model reloads: causal LM or sequence-classification (reward) model
 
     def __init__(self, cfg, plan):
         self.cfg, self.plan = cfg, plan
 
-    def build_model(self):
-        from lmflow_ray.train.loop import build_model
+    # ------------------------------------------------------------------ driver side (before / after Ray Train)
 
+    @classmethod
+    def datasets(cls, cfg, model_path: str, pad_id: int, bf16: bool) -> tuple:
+        """(train Ray Dataset, eval Dataset or None, info, plan extras) of the job's data file."""
+        d = cfg.data
+        ds, eval_ds, info = build_token_dataset(d.path, d.type, model_path, d.template, d.max_length, d.packing,
+                                                cfg.seed, d.eval_split)
+        return ds, eval_ds, info, {}
+
+    @classmethod
+    def finish(cls, cfg, model_dir: Path, info: dict, pad_id: int) -> None:
+        """What the job adds to OUT/model after training."""
+
+    # ------------------------------------------------------------------ worker side
+
+    def build_model(self):
         return build_model(self.cfg, self.plan)
 
     def param_groups(self, model) -> list:
@@ -42,8 +83,6 @@ class Task:
         """Called once the DeepSpeed engine exists (e.g. to load a reference model)."""
 
     def collate(self, batch, pad_id: int) -> dict:
-        from lmflow_ray.train.data import collate
-
         return collate(batch, pad_id)
 
     def units(self, mb) -> float:
@@ -51,8 +90,6 @@ class Task:
 
     def loss(self, engine, mb) -> tuple:
         """(loss summed over this micro-batch's units, {metric: sum over units})."""
-        from lmflow_ray.train.objectives import token_nll_sum
-
         logits = engine(**_forward_inputs(mb, engine.device), use_cache=False).logits
         nll, _ = token_nll_sum(logits, mb["labels"].to(engine.device))
         return nll, {}
@@ -62,10 +99,6 @@ class Task:
 
     def evaluate(self, engine, shard, micro_batch_size: int, pad_id: int) -> dict:
         """Held-out metrics over all workers: loss (and the task's metrics) per unit, prefixed eval_."""
-        import torch
-
-        from lmflow_ray.train.step import all_sum
-
         engine.module.eval()
         loss, units, sums = 0.0, 0.0, {}
         with torch.no_grad():
@@ -86,10 +119,20 @@ class Task:
 
 class PairTask(Task):
     unit = "pairs"
+    data_types = PAIR_TYPES  # LMFlow dataset types the job accepts
+
+    @classmethod
+    def datasets(cls, cfg, model_path: str, pad_id: int, bf16: bool) -> tuple:
+        d = cfg.data
+        ds, eval_ds, info = build_pair_dataset(d.path, d.type, model_path, d.template, d.max_length, cfg.seed,
+                                               d.eval_split, cls.data_types)
+        skipped = {k: v for k, v in info["skipped"].items() if v}
+        if skipped:
+            print(f"[lmflow-ray] skipped pairs: {skipped} (identical sides, empty responses, or cut by data.max_length)",
+                  flush=True)
+        return ds, eval_ds, info, {}
 
     def collate(self, batch, pad_id: int) -> dict:
-        from lmflow_ray.train.pairs import collate_pairs
-
         return collate_pairs(batch, pad_id)
 
     def units(self, mb) -> float:
@@ -103,16 +146,21 @@ class RewardTask(PairTask):
     sequence-classification pooling); the loss is Bradley-Terry (objectives.pairwise_reward_loss).
     """
 
+    config_class = RewardModelConfig
     model_kind = "reward"
 
-    def build_model(self):
-        from lmflow_ray.train.loop import build_model
+    @classmethod
+    def finish(cls, cfg, model_dir: Path, info: dict, pad_id: int) -> None:
+        """How pairs were formatted in training: RewardScorer formats (prompt, response) the same way."""
+        d = cfg.data
+        fmt = {"format": "conversation" if info["type"] == "paired_conversation" else "text2text",
+               "template": d.template, "max_length": d.max_length, "pad_token_id": pad_id}
+        (model_dir / REWARD_FORMAT_FILE).write_text(json.dumps(fmt) + "\n")
 
+    def build_model(self):
         return build_model(self.cfg, self.plan, head="reward")
 
     def loss(self, engine, mb):
-        from lmflow_ray.train.objectives import pairwise_reward_loss
-
         scores = engine(**_forward_inputs(mb, engine.device)).logits.squeeze(-1).float()
         b = len(mb["margin"])
         chosen, rejected = scores[:b], scores[b:]
@@ -132,24 +180,30 @@ class DPOTask(PairTask):
     second copy), or a frozen copy of the starting model on each worker (`copy`).
     """
 
-    def setup(self, engine) -> None:
-        import torch
+    config_class = DPOConfig
+    data_types = ("paired_conversation", "paired_text_to_text")
 
+    @classmethod
+    def datasets(cls, cfg, model_path: str, pad_id: int, bf16: bool) -> tuple:
+        ds, eval_ds, info, _ = super().datasets(cfg, model_path, pad_id, bf16)
+        ref_model_path = str(resolve_model(cfg.dpo.ref_model)) if cfg.dpo.ref_model else model_path
+        if cfg.dpo.reference == "precompute" and not cfg.lora.enabled:
+            print("[lmflow-ray] precomputing reference log-probs (one Ray Data pass)", flush=True)
+            ds = precompute_reference(ds, ref_model_path, pad_id, bf16, cfg.scaling.use_gpu)
+            if eval_ds is not None:
+                eval_ds = precompute_reference(eval_ds, ref_model_path, pad_id, bf16, cfg.scaling.use_gpu)
+        return ds, eval_ds, info, {"ref_model_path": ref_model_path}
+
+    def setup(self, engine) -> None:
         d = self.cfg.dpo
         self.ref = None
         if d.reference == "copy" and not self.cfg.lora.enabled:
-            from lmflow_ray.models.loading import load_causal_lm
-
-            dtype = torch.bfloat16 if self.plan["bf16"] else torch.float32
-            self.ref = load_causal_lm(self.plan["ref_model_path"], dtype=dtype).to(engine.device).eval()
+            dtype = torch.bfloat16 if self.plan.bf16 else torch.float32
+            self.ref = load_causal_lm(self.plan.ref_model_path, dtype=dtype).to(engine.device).eval()
             for p in self.ref.parameters():
                 p.requires_grad_(False)
 
     def _ref_logps(self, engine, mb):
-        import torch
-
-        from lmflow_ray.train.objectives import sequence_logps
-
         if "ref_logp" in mb:
             return mb["ref_logp"].to(engine.device), mb["ref_count"].to(engine.device)
         inputs = _forward_inputs(mb, engine.device)
@@ -161,8 +215,6 @@ class DPOTask(PairTask):
                 return sequence_logps(engine(**inputs, use_cache=False).logits, labels)
 
     def loss(self, engine, mb):
-        from lmflow_ray.train.objectives import dpo_loss, sequence_logps
-
         d = self.cfg.dpo
         b = len(mb["margin"])
         logits = engine(**_forward_inputs(mb, engine.device), use_cache=False).logits
@@ -185,6 +237,36 @@ class DPOTask(PairTask):
         return {"reward_accuracy": sums.get("correct", 0.0) / units, "chosen_reward": chosen,
                 "rejected_reward": rejected, "reward_margin": chosen - rejected, "kl": sums.get("kl", 0.0) / units,
                 "logp_margin": sums.get("logp_margin", 0.0) / units}
+
+
+class _ReferenceScorer:
+    """Ray Data actor: sequence log-probs of both sides of each pair under the frozen reference model."""
+
+    def __init__(self, model_path: str, pad_id: int, bf16: bool):
+        self.pad_id = pad_id
+        self.model = load_causal_lm(model_path, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
+        if torch.cuda.is_available():
+            self.model = self.model.cuda()
+
+    def __call__(self, batch: dict) -> dict:
+        mb = collate_pairs(batch, self.pad_id)
+        dev = self.model.device
+        with torch.no_grad():
+            logits = self.model(input_ids=mb["input_ids"].to(dev), attention_mask=mb["attention_mask"].to(dev),
+                                use_cache=False).logits
+            logp, count = sequence_logps(logits, mb["labels"].to(dev))
+        n = len(batch["margin"])
+        batch["ref_logp"] = np.stack([logp[:n].cpu().numpy(), logp[n:].cpu().numpy()], axis=1)
+        batch["ref_count"] = np.stack([count[:n].cpu().numpy(), count[n:].cpu().numpy()], axis=1).astype(np.float32)
+        return batch
+
+
+def precompute_reference(ds, model_path: str, pad_id: int, bf16: bool, use_gpu: bool, batch_size: int = 8):
+    """One pass over the pairs with the reference model (a Ray Data actor), stored as columns."""
+    return ds.map_batches(_ReferenceScorer, fn_constructor_kwargs={"model_path": model_path, "pad_id": pad_id,
+                                                                   "bf16": bf16},
+                          batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                          num_gpus=1 if use_gpu else 0, num_cpus=1).materialize()
 
 
 ROLLOUT_COLUMNS = ("old_logp", "ref_logp", "adv", "ret", "old_value")
@@ -221,7 +303,7 @@ class PolicyGradientTask(Task):
 
     Loss per response token: the clipped surrogate (objectives.ppo_policy_loss) on the advantages,
     plus kl_coef x k3 KL to the reference for `grpo`; normalised over the response tokens of the
-    global batch, like SFT. `plan["ppo"]` holds the PPO settings (its kl_coef the current one).
+    global batch, like SFT. `plan.ppo` holds the PPO settings (its kl_coef the current one).
     """
 
     unit = "response_tokens"
@@ -233,11 +315,7 @@ class PolicyGradientTask(Task):
         return float(mb["mask"].sum())
 
     def loss(self, engine, mb):
-        import torch
-
-        from lmflow_ray.train.objectives import k3_kl, ppo_policy_loss
-
-        p = self.plan["ppo"]
+        p = self.plan.ppo
         dev = engine.device
         ids, mask = mb["input_ids"].to(dev), mb["mask"].to(dev)
         col = {c: mb[c].to(dev) for c in ROLLOUT_COLUMNS}
@@ -265,22 +343,16 @@ class ValueTask(PolicyGradientTask):
     token-classification model regressed on the GAE returns with the clipped value loss."""
 
     def build_model(self):
-        import torch
-
-        from lmflow_ray.models.loading import load_value_model
-
-        model = load_value_model(self.plan["model_path"], torch.bfloat16 if self.plan["bf16"] else torch.float32)
-        if self.plan.get("critic_from_lm"):  # a new value head: every value starts at 0
+        model = load_value_model(self.plan.model_path, torch.bfloat16 if self.plan.bf16 else torch.float32)
+        if self.plan.critic_from_lm:  # a new value head: every value starts at 0
             torch.nn.init.zeros_(model.score.weight)
             if getattr(model.score, "bias", None) is not None:
                 torch.nn.init.zeros_(model.score.bias)
-        model.config.pad_token_id = model.config.pad_token_id or self.plan["pad_id"]
+        model.config.pad_token_id = model.config.pad_token_id or self.plan.pad_id
         return model
 
     def loss(self, engine, mb):
-        from lmflow_ray.train.objectives import ppo_value_loss
-
-        p = self.plan["ppo"]
+        p = self.plan.ppo
         dev = engine.device
         mask = mb["mask"].to(dev)
         values = engine(input_ids=mb["input_ids"].to(dev), attention_mask=mb["attention_mask"].to(dev)).logits
@@ -292,9 +364,15 @@ class ValueTask(PolicyGradientTask):
         return {"vf_loss": sums.get("vf_loss", 0.0) / units}
 
 
+# The one registry of training objectives. The first three are job kinds a user runs
+# (`lmflow-ray finetune | reward-model | dpo`, each with its config class); the RL trainer groups
+# (align/trainer.py) run "finetune" (RAFT), "policy-gradient" and "value" (the PPO family) and
+# "dpo" (iterative DPO).
 TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask, "policy-gradient": PolicyGradientTask,
          "value": ValueTask}
+JOB_KINDS = ("finetune", "reward-model", "dpo")
 
 
-def make_task(name: str, cfg, plan) -> Task:
-    return TASKS[name](cfg, plan)
+def job_kind(cfg) -> str:
+    """The job kind whose config class `cfg` is."""
+    return next(k for k in JOB_KINDS if type(cfg) is TASKS[k].config_class)
