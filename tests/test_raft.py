@@ -91,7 +91,7 @@ def test_weights_broadcast_over_a_gloo_group_reach_the_running_hf_engine(raft_ru
     @ray.remote(num_cpus=0)
     class Sender:
         def __init__(self, model_dir):
-            self.parts, self.group = buckets(_model_files(model_dir), bucket_mb=1), Collective()
+            self.parts, self.group = buckets(_model_files(model_dir), bucket_mb=0.1), Collective()
 
         def serve(self, world):
             return self.group.serve(world)
