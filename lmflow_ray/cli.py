@@ -12,7 +12,7 @@ import sys
 from lmflow_ray.errors import UserError
 
 # The commands that run as Ray jobs: each has one entry point, jobs/KIND.py (`-` as `_`).
-JOB_KINDS = ("finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "eval", "infer")
+JOB_KINDS = ("finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "eval", "infer", "pipeline")
 
 
 def cmd_data_validate(args) -> int:
@@ -103,6 +103,13 @@ def cmd_iterative_dpo(args) -> int:
     from lmflow_ray.align.iterative_dpo import iterative_dpo_main
 
     return iterative_dpo_main(args.config, args.set)
+
+
+def cmd_pipeline(args) -> int:
+    from lmflow_ray.pipeline import run_pipeline
+
+    run_pipeline(args.config, args.set, start=getattr(args, "from"), only=args.only, no_serve=args.no_serve)
+    return 0
 
 
 def cmd_merge_lora(args) -> int:
@@ -227,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--template")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("pipeline", help="stages (finetune, merge-lora, raft/ppo/dpo, eval, serve) from one YAML; "
+                                         "OUT/report.md")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key, e.g. stages.raft.set={raft.iterations: 2}")
+    pl.add_argument("--from", metavar="STAGE", help="run this stage again and every stage after it")
+    pl.add_argument("--only", metavar="STAGE", help="run only this stage (again)")
+    pl.add_argument("--no-serve", action="store_true", help="skip serve stages (CI-like runs)")
+    pl.set_defaults(func=cmd_pipeline)
 
     m = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model")
     m.add_argument("--base", required=True)

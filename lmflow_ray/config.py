@@ -460,3 +460,60 @@ class IterativeDPOConfig(AlignConfig):
 
     dpo: DPOSettings = DPOSettings()
     iterative_dpo: IterativeDPOSettings = IterativeDPOSettings()
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+STAGE_KINDS = ("finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "merge-lora", "eval", "serve")
+
+
+class StageConfig(Strict):
+    """One stage of `lmflow-ray pipeline`: a job of the project run with its output under OUT/<stage>.
+    Any string may name an earlier stage's output as ${stages.NAME.output}."""
+
+    kind: Literal["finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "merge-lora", "eval", "serve"]
+    # finetune / reward-model / dpo / raft / ppo / iterative-dpo: the job's YAML and --set style overrides
+    # (output_dir is the pipeline's OUT/<stage>).
+    config: str | None = None
+    set: dict[str, Any] = {}
+    # merge-lora: the base model and the adapter (a LoRA finetune's output).
+    base: str | None = None
+    adapter: str | None = None
+    # eval: every model named here answers the same prompts; the report sets them side by side.
+    models: dict[str, str] = {}
+    data: str | None = None
+    metrics: list[str] = ["reward", "length"]
+    reward: str | None = None
+    max_tokens: AtLeast1 = 64
+    # serve: the model to serve on host:port (skipped with --no-serve).
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+    @model_validator(mode="after")
+    def _needs(self):
+        needs = {"merge-lora": ("base", "adapter"), "eval": ("models", "data"), "serve": ("model",)}.get(
+            self.kind, ("config",))
+        missing = [k for k in needs if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"{self.kind} stages need {' and '.join(missing)}")
+        if self.kind == "eval" and "reward" in self.metrics and not self.reward:
+            raise ValueError("an eval stage with the reward metric needs reward (module:function or a reward model)")
+        return self
+
+
+class PipelineConfig(Strict):
+    # Every stage writes OUT/<stage name>; OUT/report.md sets the stages side by side.
+    output_dir: str
+    # Stages in order (YAML order); each may use the outputs of the stages before it.
+    stages: dict[str, StageConfig]
+
+    @field_validator("stages")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise ValueError("give at least one stage")
+        bad = [name for name in v if not name.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"stage name '{bad[0]}': use letters, digits, - and _")
+        return v

@@ -26,7 +26,8 @@ ALLOWED = {
     "align": BASE | {"models", "data", "inference", "train", "eval"},
     "serve": BASE | {"models", "data", "inference"},
     "demo": BASE | {"models", "data", "inference", "train", "eval"},
-    "cli": BASE | {"models", "data", "inference", "train", "eval", "align", "serve", "demo"},
+    "pipeline": BASE | {"models", "data", "inference", "train", "eval", "align", "serve"},
+    "cli": BASE | {"models", "data", "inference", "train", "eval", "align", "serve", "demo", "pipeline"},
     "__main__": {"cli"},
     "__init__": set(),
 }
