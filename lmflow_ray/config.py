@@ -7,6 +7,7 @@ one `UserError` line naming the file and the key (config_loading.py), before any
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -98,11 +99,20 @@ class JobConfig(Strict):
     seed: int = 42
     trust_remote_code: bool = False
 
-    @field_validator("model", "output_dir")
+    @field_validator("model")
     @classmethod
     def _not_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty; give a zoo name or path")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty; give the directory the job writes (it may not exist yet)")
+        if Path(v).is_file():
+            raise ValueError(f"{v} is a file; give a directory (it may not exist yet)")
         return v
 
 

@@ -206,3 +206,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_resume_from_a_run_of_another_job_kind_is_refused(cli, reference_zero2, tmp_path):
+    """A finished finetune run resumed by `dpo`, and an RL run resumed by `finetune`: one line each,
+    exit 2, nothing written."""
+    result = cli("dpo", "--config", "configs/dpo_tiny.yaml", "--set", f"output_dir={tmp_path / 'dpo'}",
+                 "--set", f"resume_from={reference_zero2}")
+    assert result.returncode == 2, result.stderr
+    assert f"resume_from {reference_zero2}: that is a finetune run; `lmflow-ray dpo` resumes only its own" in result.stderr
+    rl = tmp_path / "raft_out"
+    (rl / "checkpoints" / "iter_002").mkdir(parents=True)
+    result = cli("finetune", "--config", "configs/sft_tiny_zero3.yaml", "--set", f"output_dir={rl}",
+                 "--set", f"resume_from={rl}")
+    assert result.returncode == 2 and "that is an RL run (RAFT / PPO / iterative DPO)" in result.stderr, result.stderr
+    assert not (tmp_path / "dpo").exists() and sorted(p.name for p in rl.iterdir()) == ["checkpoints"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lmflow_ray.config import FinetuneConfig
@@ -33,8 +35,11 @@ def test_gradient_accumulation_from_global_batch():
     (["lora.qlora=true"], "lora.qlora needs lora.enabled"),
     (["data.max_length=4"], "must be >= 8"),
     (["noequals"], "expected key=value"),
+    (["output_dir="], "key 'output_dir': must not be empty; give the directory the job writes"),
+    (["output_dir=pyproject.toml"], "key 'output_dir': pyproject.toml is a file; give a directory"),
 ])
-def test_bad_values_are_one_clear_line(sets, message):
+def test_bad_values_are_one_clear_line(sets, message, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     with pytest.raises(UserError) as e:
         load_config(FinetuneConfig, None, sets, base=BASE)
     assert message in str(e.value) and "\n" not in str(e.value)

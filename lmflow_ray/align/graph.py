@@ -219,7 +219,8 @@ class Graph:
     def _setup(self) -> dict:
         """What a checkpoint's trainer state depends on: resuming under anything else cannot load it."""
         c = self.cfg
-        return {"model": self.base, "trainers": sorted(self.trainers), "scaling.num_workers": c.scaling.num_workers,
+        job = {"RaftConfig": "raft", "PPOConfig": "ppo", "IterativeDPOConfig": "iterative-dpo"}[type(c).__name__]
+        return {"job": job, "model": self.base, "trainers": sorted(self.trainers), "scaling.num_workers": c.scaling.num_workers,
                 "deepspeed": c.deepspeed, "lora.enabled": c.lora.enabled, "lora.r": c.lora.r,
                 "data.path": str(Path(c.data.path).resolve())}
 

@@ -175,6 +175,7 @@ class Recipe:
         self.task.setup(self.engine)
         self.state = _restore(self.engine, plan.resume_checkpoint, self.world, self.rank) \
             or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
+        self.state["job"] = plan.task  # in every checkpoint: a resume by another job kind is refused
         self.log = MetricsLog(self.out / "metrics.jsonl", self.state["step"]) if self.rank == 0 else None
         if self.rank == 0 and self.state["step"]:
             print(f"[lmflow-ray] resumed at step {self.state['step']} (epoch {self.state['epoch']}) on {self.world} "

@@ -82,6 +82,24 @@ def find_checkpoint(path: str) -> str:
     return scheme + str(Path(found[-1]).parent)
 
 
+def check_resume_kind(resume_from: str, checkpoint: str, kind: str) -> None:
+    """One line when `resume_from` is a run of another job kind (its run.json, or the job its checkpoint
+    records) — or an RL run, whose checkpoints Ray Train cannot load."""
+    if "://" in resume_from:
+        return
+    found = None
+    run = Path(resume_from) / "run.json"
+    if run.is_file():
+        found = json.loads(run.read_text()).get("job")
+    state = Path(checkpoint) / "trainer_state.json"
+    if found is None and "://" not in checkpoint and state.is_file():
+        found = json.loads(state.read_text()).get("job")
+    if found is not None and found != kind:
+        raise UserError(f"resume_from {resume_from}: that is a {found} run; `lmflow-ray {kind}` resumes only its own "
+                        f"runs (continue it with `lmflow-ray {found} ... --set resume_from={resume_from}`, or start this "
+                        "job from its model with --set model=...)")
+
+
 def preflight(cfg: FinetuneConfig) -> dict:
     """All config-time checks; returns what the run needs (paths, DeepSpeed config)."""
     from lmflow_ray.data.source import validate
@@ -108,7 +126,11 @@ def preflight(cfg: FinetuneConfig) -> dict:
         _filesystem(cfg.storage_path)
     resume = None
     if cfg.resume_from:
+        if (Path(cfg.resume_from) / "checkpoints").is_dir() and any(Path(cfg.resume_from).glob("checkpoints/iter_*")):
+            raise UserError(f"resume_from {cfg.resume_from}: that is an RL run (RAFT / PPO / iterative DPO); resume it "
+                            "with the command that wrote it, or start this job from its model with --set model=...")
         resume = find_checkpoint(cfg.resume_from)
+        check_resume_kind(cfg.resume_from, resume, job_kind(cfg))
     elif out.exists() and any((out / name).exists() for name in ("run.json", "checkpoints", STORAGE_FILE)):
         raise UserError(f"output_dir {out} already holds a run; set resume_from: {out} to continue it, "
                         "or choose a new output_dir")
