@@ -24,7 +24,7 @@ test-fast: install
 	$(BIN)/python -m pytest -x -q -m "unit or ray" tests
 
 demo: install
-	$(BIN)/lmflow-ray demo
+	$(BIN)/lmflow-ray pipeline --config configs/pipeline_demo.yaml
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

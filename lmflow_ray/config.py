@@ -495,8 +495,9 @@ class StageConfig(Strict):
     metrics: list[str] = ["reward", "length"]
     reward: str | None = None
     max_tokens: AtLeast1 = 64
-    # serve: the model to serve on host:port (skipped with --no-serve).
+    # serve: the model to serve on host:port as `name` (default: the stage's name); skipped with --no-serve.
     model: str | None = None
+    name: str | None = None
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
 

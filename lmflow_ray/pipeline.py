@@ -145,20 +145,20 @@ def _run_eval(stage: StageConfig, target: Path) -> None:
 
 
 def _serve(name: str, stage: StageConfig, no_serve: bool) -> str:
+    name = stage.name or name
     if no_serve:
         return f"skipped (--no-serve): lmflow-ray serve --model {name}={stage.model} serves it"
     from lmflow_ray.serve.app import run_server
     from lmflow_ray.serve.config import parse_serve_config
 
     cfg = parse_serve_config({"models": [{"name": name, "path": stage.model}]}, "pipeline serve stage")
-    base = f"http://{stage.host}:{stage.port}"
-    print(f"[pipeline] serving {stage.model} as '{name}' on {base}/v1 (Ctrl-C stops it); try:\n"
-          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n"
-          f"  python -c \"from openai import OpenAI; print(OpenAI(base_url='{base}/v1', api_key='-').chat.completions"
-          f".create(model='{name}', messages=[{{'role': 'user', 'content': 'Hello'}}]).choices[0].message.content)\"",
-          flush=True)
-    run_server(cfg, host=stage.host, port=stage.port, blocking=True)
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32})
+    banner = (f"[pipeline] serving {stage.model} as '{name}' (Ctrl-C stops it); try:\n"
+              f"curl -s {{base}}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'\n"
+              f"python -c \"from openai import OpenAI; print(OpenAI(base_url='{{base}}/v1', api_key='-').chat.completions"
+              f".create(model='{name}', max_tokens=32, messages=[{{'role': 'user', 'content': 'Hello'}}])"
+              f".choices[0].message.content)\"")
+    run_server(cfg, host=stage.host, port=stage.port, blocking=True, banner=banner)
     return "served until stopped"
 
 

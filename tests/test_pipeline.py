@@ -5,9 +5,14 @@ references are one line naming the key."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
+from conftest import free_port
 
 from lmflow_ray.errors import UserError
 from lmflow_ray.pipeline import resolve_refs, run_pipeline
@@ -53,6 +58,32 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(ray_session,
     assert "=== eval (eval) ===" in only and "=== raft" not in only
     assert (out / "eval" / "report.json").stat().st_mtime > stamps[out / "eval" / "report.json"]
     assert (out / "sft" / "run.json").stat().st_mtime == stamps[out / "sft" / "run.json"]
+
+    # The serve stage, as a user runs it: the curl and openai lines it prints answer; Ctrl-C ends it.
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lmflow_ray", "pipeline", "--config", config, "--set",
+                             f"output_dir={out}", "--set", f"stages.serve.port={port}", "--only", "serve"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.time() + 240
+        while not any(line.startswith("python -c") for line in lines):
+            assert proc.poll() is None and time.time() < deadline, "".join(lines[-30:])
+            lines.append(proc.stdout.readline())
+        curl = next(line for line in lines if line.startswith("curl "))
+        python = next(line for line in lines if line.startswith("python -c"))
+        assert f"127.0.0.1:{port}" in curl and "'aligned'" in python
+        answer = json.loads(subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120, check=True).stdout)
+        assert answer["model"] == "aligned" and answer["choices"][0]["message"]["content"]
+        said = subprocess.run(python.replace("python", sys.executable, 1), shell=True, capture_output=True, text=True,
+                              timeout=120)
+        assert said.returncode == 0 and said.stdout.strip(), said.stderr[-2000:]
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, rest[-3000:]
+    assert "[pipeline] serve (serve) done in" in rest
 
 
 def _config(tmp_path, stages: dict) -> str:

@@ -139,7 +139,7 @@ def check_cluster_serve(name: str, port: int, route_prefix: str = "/") -> bool:
 
 
 def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
-               name: str = "lmflow", route_prefix: str = "/"):
+               name: str = "lmflow", route_prefix: str = "/", banner: str | None = None):
     """Start Serve on host:port (joining RAY_ADDRESS or a local cluster) and deploy the app.
 
     A port another server holds, an application of the same name already on the cluster, or a bad
@@ -171,6 +171,8 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, bloc
     serve.run(build(cfg), name=name, route_prefix=route_prefix, blocking=False)
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     print(f"ready in {time.time() - t0:.0f} s: {base}/v1 (OpenAI API), {base}/health", file=sys.stderr, flush=True)
+    if banner:  # what to try against it (the pipeline's serve stage); {base} = the URL
+        print(banner.replace("{base}", base), flush=True)
     if blocking:
         try:
             while True:
