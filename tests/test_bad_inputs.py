@@ -221,3 +221,26 @@ def test_resume_from_a_run_of_another_job_kind_is_refused(cli, reference_zero2, 
                  "--set", f"resume_from={rl}")
     assert result.returncode == 2 and "that is an RL run (RAFT / PPO / iterative DPO)" in result.stderr, result.stderr
     assert not (tmp_path / "dpo").exists() and sorted(p.name for p in rl.iterdir()) == ["checkpoints"]
+
+
+JOB_CONFIGS = {"finetune": "configs/sft_tiny_zero3.yaml", "reward-model": "configs/rm_tiny.yaml",
+               "dpo": "configs/dpo_tiny.yaml", "raft": "configs/raft_tiny.yaml", "ppo": "configs/ppo_tiny.yaml",
+               "iterative-dpo": "configs/iterative_dpo_tiny.yaml"}
+
+
+@pytest.mark.parametrize("command", sorted(JOB_CONFIGS))
+def test_every_job_takes_an_empty_output_dir_and_refuses_a_non_empty_one(cli, tmp_path, tiny_llama, command):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # An empty directory passes the check: the run goes on to the next one (here a model that does not exist).
+    result = cli(command, "--config", JOB_CONFIGS[command], "--set", f"output_dir={empty}", "--set", "model=no-such-model")
+    assert result.returncode == 2 and "model not found: 'no-such-model'" in result.stderr, result.stderr
+    assert not any(empty.iterdir())
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    result = cli(command, "--config", JOB_CONFIGS[command], "--set", f"output_dir={used}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert f"output_dir {used} is not empty; choose a new or empty output_dir (or set resume_from: {used}" in errors[0]
+    assert sorted(p.name for p in used.iterdir()) == ["notes.txt"] and (used / "notes.txt").read_text() == "mine"

@@ -64,7 +64,7 @@ def test_existing_output_dir_is_not_overwritten(tmp_path, repo, tiny_llama):
     out.mkdir()
     (out / "run.json").write_text('{"keep": true}')
     proc = run_cli("finetune", "--config", str(write_cfg(tmp_path, BASE)))
-    assert proc.returncode == 2 and "already holds a run; set resume_from" in proc.stderr
+    assert proc.returncode == 2 and "is not empty; choose a new or empty output_dir (or set resume_from" in proc.stderr
     assert (out / "run.json").read_text() == '{"keep": true}'
 
 

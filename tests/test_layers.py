@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lmflow_ray"
 
-BASE = {"errors", "config", "config_loading", "runtime", "plots"}
+BASE = {"errors", "config", "config_loading", "runtime", "plots", "outputs"}
 # What each top-level package or module may import besides itself (lower layers only).
 ALLOWED = {
     "errors": set(),
@@ -18,6 +18,7 @@ ALLOWED = {
     "config_loading": {"errors"},
     "runtime": {"errors"},
     "plots": set(),
+    "outputs": {"errors"},
     "models": BASE,
     "data": BASE | {"models"},
     "inference": BASE | {"models", "data"},

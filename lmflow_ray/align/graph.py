@@ -33,6 +33,7 @@ from pathlib import Path
 from lmflow_ray.align.actors import weights_id
 from lmflow_ray.errors import RunInterrupted, UserError
 from lmflow_ray.models.zoo import is_adapter
+from lmflow_ray.outputs import check_output_dir
 from lmflow_ray.plots import plot_curves
 from lmflow_ray.train.plan import Plan
 
@@ -66,9 +67,7 @@ class Graph:
             if Path(cfg.resume_from).resolve() != out.resolve():
                 raise UserError(f"resume_from {cfg.resume_from} continues that run in place: set output_dir to it too")
             self.checkpoint_dir = last_run_checkpoint(out).resolve()
-        elif out.exists() and any(out.iterdir()):
-            raise UserError(f"output_dir {out} is not empty; choose a new output_dir (or set resume_from: {out} "
-                            "to continue the run it holds)")
+        check_output_dir(out, cfg.resume_from)
         RewardScorer.check(cfg.reward)  # a bad reward spec fails here, before any actor starts
         _, self.all_prompts = read_prompts(cfg.data.path)
         empty = next((i for i, p in enumerate(self.all_prompts) if not p), None)

@@ -21,6 +21,7 @@ from lmflow_ray.config import FinetuneConfig
 from lmflow_ray.config_loading import load_config
 from lmflow_ray.errors import RunInterrupted, UserError
 from lmflow_ray.models.zoo import is_adapter
+from lmflow_ray.outputs import check_output_dir
 from lmflow_ray.plots import plot_curves
 from lmflow_ray.train.deepspeed_config import fill_deepspeed, resolve_deepspeed
 from lmflow_ray.train.plan import Plan
@@ -131,9 +132,7 @@ def preflight(cfg: FinetuneConfig) -> dict:
                             "with the command that wrote it, or start this job from its model with --set model=...")
         resume = find_checkpoint(cfg.resume_from)
         check_resume_kind(cfg.resume_from, resume, job_kind(cfg))
-    elif out.exists() and any((out / name).exists() for name in ("run.json", "checkpoints", STORAGE_FILE)):
-        raise UserError(f"output_dir {out} already holds a run; set resume_from: {out} to continue it, "
-                        "or choose a new output_dir")
+    check_output_dir(out, cfg.resume_from)
     model_path = resolve_model(cfg.model)
     if is_adapter(model_path):
         raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or train its base")
