@@ -474,9 +474,6 @@ class IterativeDPOConfig(AlignConfig):
 
 # ----------------------------------------------------------------------------- pipeline
 
-STAGE_KINDS = ("finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "merge-lora", "eval", "serve")
-
-
 class StageConfig(Strict):
     """One stage of `lmflow-ray pipeline`: a job of the project run with its output under OUT/<stage>.
     Any string may name an earlier stage's output as ${stages.NAME.output}."""

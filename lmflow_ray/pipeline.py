@@ -80,6 +80,22 @@ def resolve_refs(cfg: PipelineConfig, source: str) -> dict[str, StageConfig]:
 # ----------------------------------------------------------------------------- running one stage
 
 
+def _resumable(stage: StageConfig, target: Path) -> bool:
+    """Whether a stopped stage left a checkpoint its command can resume from (Ray Train creates
+    OUT/checkpoints before its first checkpoint, so the directory alone says nothing)."""
+    from lmflow_ray.align.graph import last_run_checkpoint
+    from lmflow_ray.train.run import find_checkpoint
+
+    try:
+        if stage.kind in RL:
+            last_run_checkpoint(target)
+        else:
+            find_checkpoint(str(target))
+    except UserError:
+        return False
+    return True
+
+
 def _job_config(stage: StageConfig, target: Path):
     from lmflow_ray.config import IterativeDPOConfig, PPOConfig, RaftConfig
     from lmflow_ray.train.tasks import TASKS
@@ -89,8 +105,7 @@ def _job_config(stage: StageConfig, target: Path):
     sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in stage.set.items()]
     resume = []
     if target.exists() and any(target.iterdir()):
-        resumable = (target / "checkpoints").is_dir() and any((target / "checkpoints").iterdir())
-        if resumable:
+        if _resumable(stage, target):
             print(f"[pipeline] {target.name}: resuming from its checkpoints", flush=True)
             resume = [f"resume_from={target}"]
         else:
@@ -283,7 +298,7 @@ def run_pipeline(config_path: str, overrides: list[str], start: str | None = Non
         state[name] = {"status": "complete" if is_complete(out, name, stage) else "skipped",
                        "seconds": time.time() - t0, "summary": summary}
         state_path.write_text(json.dumps(state, indent=1))
-        report = write_report(cfg, stages, out, state, config_path)
+        write_report(cfg, stages, out, state, config_path)  # after every stage, for a run that stops later
         print(f"[pipeline] {name} ({stage.kind}) done in {time.time() - t0:.0f} s: {summary}", flush=True)
     report = write_report(cfg, stages, out, state, config_path)
     print(f"[pipeline] finished in {time.time() - t_all:.0f} s; report: {report}", file=sys.stderr, flush=True)

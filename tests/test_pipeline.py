@@ -116,3 +116,22 @@ def test_bad_pipeline_configs_are_one_line_exit_2(tmp_path, cli):
     result = cli("pipeline", "--config", ok, "--only", "sft")
     assert result.returncode == 2 and "--only sft: no such stage; stages: merge" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_stage_stopped_before_its_first_checkpoint_starts_over(tmp_path, repo, monkeypatch):
+    """Ray Train makes OUT/checkpoints/ray_train before any checkpoint, an RL run writes .iter_NNN.tmp first:
+    neither is resumable, so the stage's directory is cleared and the job starts over."""
+    from lmflow_ray.config import StageConfig
+    from lmflow_ray.pipeline import _job_config
+
+    monkeypatch.chdir(repo)
+    sft, raft = tmp_path / "sft", tmp_path / "raft"
+    (sft / "checkpoints" / "ray_train").mkdir(parents=True)
+    (raft / "checkpoints" / ".iter_001.tmp").mkdir(parents=True)
+    cfg = _job_config(StageConfig(kind="finetune", config="configs/sft_tiny_zero3.yaml"), sft)
+    assert cfg.resume_from is None and not sft.exists()
+    cfg = _job_config(StageConfig(kind="raft", config="configs/raft_tiny.yaml"), raft)
+    assert cfg.resume_from is None and not raft.exists()
+    (sft / "checkpoints" / "ray_train" / "checkpoint_000001").mkdir(parents=True)
+    (sft / "checkpoints" / "ray_train" / "checkpoint_000001" / "trainer_state.json").write_text('{"step": 4}')
+    assert _job_config(StageConfig(kind="finetune", config="configs/sft_tiny_zero3.yaml"), sft).resume_from == str(sft)

@@ -127,7 +127,7 @@ def preflight(cfg: FinetuneConfig) -> dict:
         _filesystem(cfg.storage_path)
     resume = None
     if cfg.resume_from:
-        if (Path(cfg.resume_from) / "checkpoints").is_dir() and any(Path(cfg.resume_from).glob("checkpoints/iter_*")):
+        if any(Path(cfg.resume_from).glob("checkpoints/iter_*")):
             raise UserError(f"resume_from {cfg.resume_from}: that is an RL run (RAFT / PPO / iterative DPO); resume it "
                             "with the command that wrote it, or start this job from its model with --set model=...")
         resume = find_checkpoint(cfg.resume_from)
