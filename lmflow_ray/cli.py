@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from lmflow_ray import console
 from lmflow_ray.errors import UserError
 
 # The commands that run as Ray jobs: each has one entry point, jobs/KIND.py (`-` as `_`).
@@ -78,12 +79,13 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lmflow_ray.eval.run import evaluate
+    from lmflow_ray.eval.run import evaluate, summary_line
     from lmflow_ray.inference.engine import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    evaluate(args.model, args.data, [m.strip() for m in args.metrics.split(",") if m.strip()], args.out,
+    result = evaluate(args.model, args.data, [m.strip() for m in args.metrics.split(",") if m.strip()], args.out,
              reward=args.reward, engine=args.engine, params=params, template=args.template, batch_size=args.batch_size)
+    print(summary_line(result, args.out))
     return 0
 
 
@@ -292,11 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m-instruct")
     d.add_argument("--skip-train", action="store_true", help="only fetch and chat")
     d.set_defaults(func=cmd_demo)
+    _add_verbose(p, top=True)
     return p
+
+
+def _add_verbose(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v/--verbose before or after the command: Ray / library / worker logs on the console (console.py)."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show Ray, DeepSpeed, transformers and vLLM logs and warnings on the console "
+                             "(default: in OUT/logs/console.log)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(verbose=args.verbose)
     try:
         return args.func(args) or 0
     except UserError as e:
@@ -307,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if console.quiet():
+            print(f"[lmflow-ray] failed; library and worker logs: {console.log_path()} (or run with --verbose)",
+                  file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -202,6 +202,29 @@ class ScalingSettings(Strict):
         return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
 
 
+class LoggingSettings(Strict):
+    """Experiment trackers for training and alignment jobs (tracking.py); metrics.jsonl is always written."""
+
+    # TensorBoard event files in OUT/tensorboard/.
+    tensorboard: bool = False
+    # MLflow tracking URI: a directory (a local file store, no server), sqlite:///file.db, or http(s)://server.
+    mlflow: str | None = None
+    mlflow_experiment: str = "lmflow-ray"
+    # Weights & Biases project: offline (OUT/wandb/, `wandb sync` later) unless WANDB_MODE / WANDB_API_KEY is set.
+    wandb: str | None = None
+    # The run's name in MLflow / W&B (default: the output dir's name).
+    run_name: str | None = None
+
+    @field_validator("mlflow")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        # A URI as is; a directory (relative to where the command runs, not to a Ray worker's working
+        # dir) as an absolute file: URI.
+        if not v or "://" in v or v.startswith("file:"):
+            return v or None
+        return Path(v).expanduser().resolve().as_uri()
+
+
 class FinetuneConfig(JobConfig):
     """`lmflow-ray finetune`: continuous pretraining, task/instruction tuning, LoRA, QLoRA, LISA."""
 
@@ -211,6 +234,7 @@ class FinetuneConfig(JobConfig):
     scaling: ScalingSettings = ScalingSettings()
     # A ZeRO config: zero0 | zero2 | zero3 | zero3_offload (configs/deepspeed/NAME.json) or a JSON path.
     deepspeed: str = "zero2"
+    logging: LoggingSettings = LoggingSettings()
     # Continue from an earlier run's output dir (or a checkpoint dir inside it).
     resume_from: str | None = None
     # Restarts of the worker group after a worker dies (from the last checkpoint).
@@ -356,6 +380,7 @@ class AlignConfig(JobConfig):
     lora: LoraSettings = LoraSettings()
     scaling: ScalingSettings = ScalingSettings()
     deepspeed: str = "zero2"
+    logging: LoggingSettings = LoggingSettings()
     # Checkpoint the whole run state every N iterations into OUT/checkpoints/ (0: never); the last one is kept.
     save_iterations: AtLeast0 = 0
     # Continue a run from its output dir's last checkpoint (the same output_dir; numbering and prompt order go on).
@@ -470,6 +495,14 @@ class IterativeDPOConfig(AlignConfig):
 
     dpo: DPOSettings = DPOSettings()
     iterative_dpo: IterativeDPOSettings = IterativeDPOSettings()
+
+
+# The actor-graph job kinds and their configs (finetune / reward-model / dpo: train.tasks.TASKS).
+ALIGN_CONFIGS: dict[str, type[AlignConfig]] = {"raft": RaftConfig, "ppo": PPOConfig, "iterative-dpo": IterativeDPOConfig}
+
+
+def align_job_kind(cfg: AlignConfig) -> str:
+    return next(kind for kind, cls in ALIGN_CONFIGS.items() if type(cfg) is cls)
 
 
 # ----------------------------------------------------------------------------- pipeline

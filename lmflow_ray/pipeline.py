@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from lmflow_ray import console
 from lmflow_ray.config import PipelineConfig, StageConfig
 from lmflow_ray.config_loading import load_config
 from lmflow_ray.errors import UserError
@@ -97,11 +98,10 @@ def _resumable(stage: StageConfig, target: Path) -> bool:
 
 
 def _job_config(stage: StageConfig, target: Path):
-    from lmflow_ray.config import IterativeDPOConfig, PPOConfig, RaftConfig
+    from lmflow_ray.config import ALIGN_CONFIGS
     from lmflow_ray.train.tasks import TASKS
 
-    cls = {"raft": RaftConfig, "ppo": PPOConfig, "iterative-dpo": IterativeDPOConfig}.get(stage.kind)
-    cls = cls or TASKS[stage.kind].config_class
+    cls = ALIGN_CONFIGS[stage.kind] if stage.kind in ALIGN_CONFIGS else TASKS[stage.kind].config_class
     sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in stage.set.items()]
     resume = []
     if target.exists() and any(target.iterdir()):
@@ -277,7 +277,10 @@ def run_pipeline(config_path: str, overrides: list[str], start: str | None = Non
     out = Path(cfg.output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file; choose a directory")
+    if "logs" in stages:
+        raise UserError(f"{config_path}: a stage may not be named 'logs' (OUT/logs holds the pipeline's logs)")
     out.mkdir(parents=True, exist_ok=True)
+    console.log_to(out / "logs")
     state_path = out / STATE_FILE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     names = list(stages)

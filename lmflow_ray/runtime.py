@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 
+from lmflow_ray import console
+
 
 def quiet_ray_data() -> None:
     import ray.data
@@ -78,5 +80,6 @@ def init_ray(num_cpus: int | None = None):
                   file=sys.stderr)
         cpus = num_cpus or int(os.environ.get("LMFLOW_RAY_NUM_CPUS", max(8, os.cpu_count() or 2)))
         ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
+    console.attach_ray()
     quiet_ray_data()
     return ray

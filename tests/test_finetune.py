@@ -178,9 +178,14 @@ def test_resume_after_crash_continues_step_count_schedule_and_data(ray_session, 
 
 @pytest.mark.e2e
 def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_path, reference_zero2):
+    """... and the experiment trackers (`logging:`) go on in the same runs after the restart."""
+    from mlflow.tracking import MlflowClient
+    from test_tracking import tensorboard_scalars
+
     out = tmp_path / "out"
     killed = kill_a_worker_after(out, 9)
-    run = run_finetune(make_cfg(repo, out, max_failures=2))
+    run = run_finetune(make_cfg(repo, out, max_failures=2, **{"logging.tensorboard": "true",
+                                                               "logging.mlflow": str(tmp_path / "mlruns")}))
     killed["thread"].join(timeout=5)
     assert 9 <= killed.get("step", 0) < 16, "no train worker was killed mid-run"
     assert run["final"]["step"] == 16
@@ -189,6 +194,15 @@ def test_worker_killed_midrun_restarts_from_checkpoint(ray_session, repo, tmp_pa
     ref_final = metrics(reference_zero2)[-1]["loss"]
     assert rows[-1]["loss"] == pytest.approx(ref_final, rel=0.15)
     check_saved_model(out)
+
+    loss = {r["step"]: r["loss"] for r in rows}
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    [mlrun] = client.search_runs([client.get_experiment_by_name("lmflow-ray").experiment_id])
+    assert mlrun.info.status == "FINISHED"  # one run, closed by the restarted rank 0
+    history = {m.step: m.value for m in client.get_metric_history(mlrun.info.run_id, "loss")}  # the last value per step
+    assert history == pytest.approx(loss)
+    tb = {step: value for tag, step, value in tensorboard_scalars(out / "tensorboard") if tag == "loss"}
+    assert tb == pytest.approx(loss, rel=1e-6)
 
 
 def test_lisa_trains_sampled_layers_with_heldout_eval(ray_session, repo, tmp_path, tiny_llama):

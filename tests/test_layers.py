@@ -10,15 +10,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lmflow_ray"
 
-BASE = {"errors", "config", "config_loading", "runtime", "plots", "outputs"}
+BASE = {"errors", "config", "config_loading", "runtime", "plots", "outputs", "tracking", "console"}
 # What each top-level package or module may import besides itself (lower layers only).
 ALLOWED = {
     "errors": set(),
     "config": {"errors"},
     "config_loading": {"errors"},
-    "runtime": {"errors"},
+    "runtime": {"errors", "console"},
     "plots": set(),
     "outputs": {"errors"},
+    "tracking": {"errors"},
+    "console": {"errors"},
     "models": BASE,
     "data": BASE | {"models"},
     "inference": BASE | {"models", "data"},

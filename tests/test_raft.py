@@ -34,14 +34,23 @@ def raft_run(ray_session, repo, tmp_path_factory, tiny_llama):
 
     out = tmp_path_factory.mktemp("raft") / "out"
     cfg = load_config(RaftConfig, repo / "configs" / "raft_tiny.yaml",
-                      [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}"])
+                      [f"output_dir={out}", f"data.path={repo / 'examples/data/raft_prompts_tiny.json'}",
+                       "logging.tensorboard=true", "logging.wandb=raft-test"])
     return out, run_raft(cfg)
 
 
 def test_raft_raises_the_reward(raft_run):
+    from test_tracking import tensorboard_scalars, wandb_history
+
     out, rows = raft_run
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     rewards = [r["reward_mean"] for r in rows]
+    # The trackers saw the same curve (`logging: {tensorboard: true, wandb: raft-test}`, W&B offline).
+    curve = dict(enumerate(rewards, 1))
+    tb = {step: value for tag, step, value in tensorboard_scalars(out / "tensorboard") if tag == "reward_mean"}
+    assert tb == pytest.approx(curve, rel=1e-6)
+    [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert {r["_step"]: r["reward_mean"] for r in wandb_history(run_file)} == pytest.approx(curve)
     assert rewards[-1] > rewards[0] + 0.02 and sum(rewards[2:]) > sum(rewards[:2]), rewards
     assert abs(rows[0]["kl"]) < 1e-3 and all(math.isfinite(r["kl"]) for r in rows)
     assert all(r["kept"] == 16 for r in rows)  # the best 1 of 4 samples for each of the 16 prompts

@@ -30,11 +30,14 @@ import shutil
 import time
 from pathlib import Path
 
+from lmflow_ray import console
 from lmflow_ray.align.actors import weights_id
+from lmflow_ray.config import align_job_kind
 from lmflow_ray.errors import RunInterrupted, UserError
 from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.outputs import check_output_dir
 from lmflow_ray.plots import plot_curves
+from lmflow_ray.tracking import MetricsLog
 from lmflow_ray.train.plan import Plan
 
 STATE_FILE = "run_state.json"
@@ -85,10 +88,12 @@ class Graph:
         policy_cfg, policy_plan = trainer_setup(cfg, self.base, total_steps, policy_task, settings,
                                                 **(trainer_overrides or {}))
         out.mkdir(parents=True, exist_ok=True)  # an existing empty dir is fine, as for finetune
+        console.log_to(out / "logs")
         init_ray()
         self.gens, self.reward, self.ref, self.pg, self.trainers = [], None, None, None, {}
         self.transport = "ray-object-store"  # or the weight-sync group's backend (gloo, nccl)
-        self.log = open(out / "metrics.jsonl", "a")
+        self.job = align_job_kind(cfg)
+        self.log: MetricsLog | None = None  # opened by restore() or the first record()
         self.rows: list[dict] = []
         try:
             g = cfg.generation
@@ -152,8 +157,9 @@ class Graph:
         """Release the actors, trainer groups and placement group (also after a failed iteration); idempotent."""
         import ray
 
-        if not self.log.closed:
+        if self.log is not None:
             self.log.close()
+            self.log = None
         for actor in [*self.gens, self.reward, self.ref]:
             if actor is not None:
                 ray.kill(actor)
@@ -183,11 +189,7 @@ class Graph:
         for name, trainer in self.trainers.items():
             trainer.load_checkpoint(str(self.checkpoint_dir / name))
         self.rows = state["rows"]
-        self.log.close()
-        tmp = self.out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        tmp.replace(self.out / "metrics.jsonl")
-        self.log = open(self.out / "metrics.jsonl", "a")
+        self.log = self._metrics_log(state["iteration"])
         self.started -= state.get("elapsed_s", 0.0)
         self.sync()
         print(f"[lmflow-ray] resumed after iteration {state['iteration']} from {self.checkpoint_dir}", flush=True)
@@ -215,11 +217,15 @@ class Graph:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def _metrics_log(self, restored: int) -> MetricsLog:
+        """OUT/metrics.jsonl (rows after iteration `restored` dropped) and the trackers `logging:` turns on."""
+        return MetricsLog(self.out, "iteration", restored, self.cfg.logging, self.cfg.model_dump(mode="json"), self.job)
+
     def _setup(self) -> dict:
         """What a checkpoint's trainer state depends on: resuming under anything else cannot load it."""
         c = self.cfg
-        job = {"RaftConfig": "raft", "PPOConfig": "ppo", "IterativeDPOConfig": "iterative-dpo"}[type(c).__name__]
-        return {"job": job, "model": self.base, "trainers": sorted(self.trainers), "scaling.num_workers": c.scaling.num_workers,
+        return {"job": self.job, "model": self.base, "trainers": sorted(self.trainers),
+                "scaling.num_workers": c.scaling.num_workers,
                 "deepspeed": c.deepspeed, "lora.enabled": c.lora.enabled, "lora.r": c.lora.r,
                 "data.path": str(Path(c.data.path).resolve())}
 
@@ -375,8 +381,9 @@ class Graph:
     def record(self, row: dict, line: str) -> None:
         row["elapsed_s"] = time.time() - self.started
         self.rows.append(row)
-        self.log.write(json.dumps(row) + "\n")
-        self.log.flush()
+        if self.log is None:
+            self.log = self._metrics_log(0)
+        self.log.write(row)
         print(line, flush=True)
 
     def finish(self, job: str, curves: dict[str, str]) -> list[dict]:

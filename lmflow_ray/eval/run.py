@@ -91,7 +91,8 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
     responses: list[str] = []
     for i in range(0, len(texts), batch_size):
         responses += [g[0].text for g in eng.generate(texts[i:i + batch_size], params, add_special_tokens=not chat)]
-        print(f"eval: generated {len(responses)}/{len(texts)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(f"[lmflow-ray] eval: generated {len(responses)}/{len(texts)} ({time.time() - t0:.0f} s)", file=sys.stderr,
+              flush=True)
     report: dict = {}
     rewards = scorer.score(prompts, responses) if scorer and "reward" in metrics else None
     if rewards is not None:
@@ -122,5 +123,10 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     os.replace(tmp, out)
-    print(json.dumps(report, indent=1))
     return result
+
+
+def summary_line(result: dict, path: str | os.PathLike) -> str:
+    """One console line for a report: its metrics, the prompt count and where the report is."""
+    values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result["metrics"].items())
+    return f"[lmflow-ray] eval of {result['model']} on {result['prompts']} prompts: {values} (report: {path})"

@@ -16,7 +16,6 @@ model in HF format, then reloads it with plain transformers to check the logits 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import tempfile
 import time
@@ -27,35 +26,13 @@ import torch
 
 from lmflow_ray.models.peft_utils import lisa_select
 from lmflow_ray.models.zoo import is_adapter
+from lmflow_ray.tracking import MetricsLog
 from lmflow_ray.train.plan import Plan
 from lmflow_ray.train.step import build_engine, optimizer_step
 from lmflow_ray.train.tasks import TASKS
 
 CHECKPOINT_TAG = "ds"
 STATE_FILE = "trainer_state.json"
-
-
-class MetricsLog:
-    """metrics.jsonl on rank 0: rows after the restored step are dropped on restart."""
-
-    def __init__(self, path: Path, restored_step: int):
-        self.path = path
-        rows = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= restored_step:
-                    rows.append(line)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, path)
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 def _save_checkpoint(engine, state: dict, metrics: dict, rank: int):
@@ -176,7 +153,9 @@ class Recipe:
         self.state = _restore(self.engine, plan.resume_checkpoint, self.world, self.rank) \
             or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
         self.state["job"] = plan.task  # in every checkpoint: a resume by another job kind is refused
-        self.log = MetricsLog(self.out / "metrics.jsonl", self.state["step"]) if self.rank == 0 else None
+        # metrics.jsonl and the trackers `logging:` turns on, on rank 0
+        self.log = MetricsLog(self.out, "step", self.state["step"], cfg.logging, args["config"], plan.task) \
+            if self.rank == 0 else None
         if self.rank == 0 and self.state["step"]:
             print(f"[lmflow-ray] resumed at step {self.state['step']} (epoch {self.state['epoch']}) on {self.world} "
                   "worker(s)", flush=True)
@@ -279,6 +258,8 @@ class Recipe:
         if self.rank == 0:
             final["save_check_max_abs_diff"] = diff
         _save_checkpoint(self.engine, dict(state), final, self.rank)
+        if self.log is not None:
+            self.log.close()
 
 
 def train_worker(args: dict) -> None:

@@ -17,6 +17,7 @@ import re
 import time
 from pathlib import Path
 
+from lmflow_ray import console
 from lmflow_ray.config import FinetuneConfig
 from lmflow_ray.config_loading import load_config
 from lmflow_ray.errors import RunInterrupted, UserError
@@ -183,6 +184,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     total = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    console.log_to(out / "logs")
     plan = Plan(
         task=task, model_path=pre["model_path"], tokenizer_path=pre["model_path"], output_dir=str(out),
         ds_config=fill_deepspeed(pre["ds"], cfg, bf16), bf16=bf16, pad_id=tokenizer.pad_token_id,
