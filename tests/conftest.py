@@ -108,6 +108,8 @@ def cli(capsys, monkeypatch):
     from lmflow_ray.cli import main
 
     monkeypatch.chdir(REPO)
+    # Console mode changes process-wide logging (console.py); this shared pytest process keeps its own.
+    monkeypatch.setenv("LMFLOW_RAY_VERBOSE", "1")
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()

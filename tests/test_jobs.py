@@ -73,7 +73,7 @@ def test_light_job_kinds_through_the_jobs_api(tmp_path, tiny_llama, shared_head)
     jobs = {
         "reward-model": ["jobs/reward_model.py", "--config", "configs/rm_tiny.yaml", "--set", f"output_dir={out}/rm",
                          *short],
-        "dpo": ["jobs/dpo.py", "--config", "configs/dpo_tiny.yaml", "--set", f"output_dir={out}/dpo", *short],
+        "dpo": ["jobs/dpo.py", "--config", "configs/dpo_tiny.yaml", "--set", f"output_dir={out}/dpo", *short, "--verbose"],
         "eval": ["jobs/eval.py", "--model", "tiny-llama", "--data", f"{data}/raft_prompts_tiny.json",
                  "--metrics", "length,distinct", "--max-tokens", "8", "--out", f"{out}/eval.json"],
         "infer": ["jobs/infer.py", "--model", "tiny-llama", "--data", f"{data}/raft_prompts_tiny.json",
@@ -96,6 +96,12 @@ def test_light_job_kinds_through_the_jobs_api(tmp_path, tiny_llama, shared_head)
     assert report["metrics"]["length"] > 0, report["metrics"]
     answers = json.loads((out / "answers.json").read_text())
     assert answers["type"] == "text2text" and len(answers["instances"]) > 0
+
+    # Quiet by default: our progress lines in the job's log, Ray's and the workers' in OUT/logs/console.log;
+    # --verbose puts them back on the console.
+    assert "[lmflow-ray] step 2/2" in logs["reward-model"] and "RayTrainWorker pid=" not in logs["reward-model"]
+    assert "(TrainController pid=" in (out / "rm" / "logs" / "console.log").read_text()
+    assert "(RayTrainWorker pid=" in logs["dpo"] and not (out / "dpo" / "logs").exists()
 
     errors = [line for line in logs["bad-config"].splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "train.max_steps" in errors[0] and ">= 1" in errors[0], logs["bad-config"]

@@ -84,6 +84,9 @@ def test_tiny_pipeline_runs_every_stage_then_skips_what_is_complete(ray_session,
         proc.kill()
     assert proc.returncode == 0, rest[-3000:]
     assert "[pipeline] serve (serve) done in" in rest
+    # A quiet console: no Ray worker lines (they are in OUT/logs/console.log).
+    assert not [line for line in lines + rest.splitlines() if " pid=" in line], "".join(lines) + rest
+    assert "(ServeReplica:" in (out / "logs" / "console.log").read_text()
 
 
 def _config(tmp_path, stages: dict) -> str:

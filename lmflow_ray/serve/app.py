@@ -21,6 +21,7 @@ import time
 
 from ray import serve
 
+from lmflow_ray import console
 from lmflow_ray.errors import UserError
 from lmflow_ray.serve.config import ServeConfig, parse_serve_config
 from lmflow_ray.serve.ingress import OpenAIIngress
@@ -170,7 +171,9 @@ def run_server(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, bloc
     t0 = time.time()
     serve.run(build(cfg), name=name, route_prefix=route_prefix, blocking=False)
     base = f"http://{host}:{port}{route_prefix.rstrip('/')}"
-    print(f"ready in {time.time() - t0:.0f} s: {base}/v1 (OpenAI API), {base}/health", file=sys.stderr, flush=True)
+    logs = console.log_path()  # the replicas' and Serve's logs (a pipeline's OUT/logs, else a temp dir)
+    print(f"ready in {time.time() - t0:.0f} s: {base}/v1 (OpenAI API), {base}/health"
+          + (f"; logs: {logs}" if logs else ""), file=sys.stderr, flush=True)
     if banner:  # what to try against it (the pipeline's serve stage); {base} = the URL
         print(banner.replace("{base}", base), flush=True)
     if blocking:
