@@ -95,6 +95,12 @@ class GenerationActor:
                         "finished": [c.finish_reason == "stop" for c in group]})
         return out
 
+    def cleanup(self) -> None:
+        """Remove the scratch dir (the graph calls this before it kills the actor)."""
+        import shutil
+
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
     def join_sync(self, host: str, port: int, rank: int, world: int, backend: str) -> None:
         """Become `rank` of the weight-sync group whose rank 0 is the policy trainer (weight_sync.py)."""
         from lmflow_ray.align.weight_sync import Collective

@@ -134,6 +134,11 @@ class Graph:
         self.lora = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules)} \
             if cfg.lora.enabled else None
 
+    @property
+    def collective(self) -> bool:
+        """Weights go over the weight-sync group (gloo / nccl), not through Ray's object store."""
+        return self.transport != "ray-object-store"
+
     def _open_sync_group(self, use_gpu: bool) -> str:
         """The weight-sync group (weight_sync.py): policy trainer rank 0 and every generation actor."""
         import ray
@@ -160,6 +165,8 @@ class Graph:
         if self.log is not None:
             self.log.close()
             self.log = None
+        with contextlib.suppress(Exception):  # a dead or hung actor keeps its (small) scratch dir
+            ray.get([a.cleanup.remote() for a in self.gens], timeout=10)
         for actor in [*self.gens, self.reward, self.ref]:
             if actor is not None:
                 ray.kill(actor)
@@ -252,7 +259,7 @@ class Graph:
         import ray
 
         # Generation actors are restarted by Ray, except in a weight-sync group, which cannot take one back.
-        gens = [("generation", self.gens)] if self.transport != "ray-object-store" else []
+        gens = [("generation", self.gens)] if self.collective else []
         for name, actors in [*(("trainer", t.actors) for t in self.trainers.values()),
                              ("reward", [self.reward]), ("reference", [self.ref]), *gens]:
             for actor in actors:
@@ -367,7 +374,7 @@ class Graph:
         import ray
 
         t0 = time.time()
-        collective = self.transport != "ray-object-store"
+        collective = self.collective
         sent = self.policy.weights(self.lora is not None, "collective" if collective else "object_store")
         self.weights = {"id": f"policy-step-{self.policy.step}", "adapter": self.lora is not None, "lora": self.lora,
                         **{k: sent[k] for k in ("refs", "manifest") if k in sent}}

@@ -79,8 +79,7 @@ class TrainerActor:
         from lmflow_ray.train.step import optimizer_step
 
         if settings:
-            self.plan.ppo = {**self.plan.ppo, **settings}
-            self.task.plan = self.plan
+            self.plan.ppo = {**self.plan.ppo, **settings}  # the task holds this same Plan
 
         t = self.cfg.train
         gas = self.plan.accumulation
