@@ -58,6 +58,11 @@ def test_stream_yields_pieces_that_join_to_the_completion(vllm_engine):
     [[full]] = vllm_engine.chat([QUESTION], params)
     pieces = list(vllm_engine.stream(vllm_engine.chat_prompt(QUESTION), params, add_special_tokens=False))
     assert len(pieces) >= 3 and "".join(pieces) == full.text
+    # A consumer that stops after two pieces: the request is aborted, not left running in the engine.
+    stream = vllm_engine.stream(vllm_engine.chat_prompt(QUESTION), SamplingParams(max_tokens=200), add_special_tokens=False)
+    assert "".join([next(stream), next(stream)]) == "".join(pieces[:2])
+    stream.close()
+    assert not vllm_engine.llm.llm_engine.has_unfinished_requests()
 
 
 def test_n_seed_and_stop(vllm_engine):

@@ -91,7 +91,7 @@ def slot_cluster():
     """Head (3 CPUs) + node 2 (2 CPUs), one `slot` each: a training worker per node."""
     root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
     # Ray Train waits this long for workers on resources it still counts after their node died (default 60 s).
-    wait = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+    wait = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
     with private_ray_head(num_cpus=3, temp=root / "ray", resources={"slot": 1}, extra_env=wait) as (env, gcs, _):
         yield {**env, "RAY_ADDRESS": gcs}, gcs
 

@@ -73,6 +73,19 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
+class TextDeltas:
+    """vLLM reports a request's whole text so far; streaming sends only what is new. One per request."""
+
+    def __init__(self):
+        self.sent = ""
+
+    def __call__(self, text: str) -> str:
+        if len(text) <= len(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
 class Engine(ABC):
     """Prompts in, completions out. Subclasses set `tokenizer` and `template` and implement generate/stream."""
 

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
+from lmflow_ray.inference.engine import Completion, Engine, SamplingParams, TextDeltas
 from lmflow_ray.models.zoo import adapter_config, base_and_adapter
 
 
@@ -168,12 +168,16 @@ class VLLMEngine(Engine):
         request_id = f"stream-{uuid.uuid4().hex}"
         engine.add_request(request_id, self.prompt_input(prompt, add_special_tokens), self.sampling_params(params, n=1),
                            lora_request=self.lora_request)
-        sent = ""
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id != request_id or not out.outputs:
-                    continue
-                text = out.outputs[0].text
-                if len(text) > len(sent):
-                    yield text[len(sent):]
-                    sent = text
+        new_text, finished = TextDeltas(), False
+        try:
+            while not finished and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.request_id != request_id or not out.outputs:
+                        continue
+                    finished = out.finished
+                    piece = new_text(out.outputs[0].text)
+                    if piece:
+                        yield piece
+        finally:
+            if not finished:  # the consumer stopped early: free the request's KV cache
+                engine.abort_request([request_id])

@@ -15,6 +15,7 @@ The cache defaults to ~/.cache/lmflow_ray/models; `LMFLOW_RAY_CACHE` overrides i
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -99,17 +100,23 @@ def fetch_model(name: str, force: bool = False) -> Path:
     if is_model_dir(target) and (target / "zoo.json").is_file() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename: an interrupted build never leaves a half model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    try:
-        ZOO[name](tmp)
-        (tmp / "zoo.json").write_text(json.dumps({"name": name}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # One build at a time per model (two jobs or test workers fetching at once): the second waits, then
+    # finds the first one's model.
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_model_dir(target) and (target / "zoo.json").is_file() and not force:
+            return target
+        # Build in a temporary sibling and rename: an interrupted build never leaves a half model.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        try:
+            ZOO[name](tmp)
+            (tmp / "zoo.json").write_text(json.dumps({"name": name}) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from lmflow_ray.config import rope_factor
-from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
+from lmflow_ray.inference.engine import Completion, Engine, SamplingParams, TextDeltas
 from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.serve.config import ModelSpec
 
@@ -235,12 +235,12 @@ class VLLMBackend(Backend):
         return list(await asyncio.gather(*(self._one(p, params, adapter, add_special_tokens) for p in prompts)))
 
     async def stream(self, prompt, params, adapter, add_special_tokens):
-        sent, reason = "", None
+        new_text, reason = TextDeltas(), None
         async for outs in self._run(prompt, params, adapter, add_special_tokens):
             text, _, reason, _ = outs[0]
-            if len(text) > len(sent):
-                yield text[len(sent):], None
-                sent = text
+            piece = new_text(text)
+            if piece:
+                yield piece, None
         yield "", "length" if reason == "length" else "stop"
 
 
