@@ -30,12 +30,19 @@ E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster"}
 RAY_FIXTURES = {"ray_session", "reference_zero2"}
 
 
+# Modules run on the "side" xdist worker although some of their tests may touch Ray: they bring
+# their own Ray heads, nodes and servers and spend much of their time waiting on them.
+SIDE_MODULES = {"test_autoscaling", "test_multinode", "test_jobs", "test_serve_cli"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items):
     """Every test gets exactly one of unit / ray / e2e (`make test-fast` runs unit and ray).
 
-    Under `pytest -n 2 --dist loadgroup` (`make test`) the suite runs on two workers: tests on the
-    session's Ray cluster in one ("session"), the rest in the other ("side": unit tests, and tests
-    with Ray heads, nodes and servers of their own, which spend much of their time waiting on them).
+    Under `pytest -n 2 --dist loadgroup` (`make test`) the suite runs on two workers: modules with
+    tests on the session's Ray cluster in one ("session"), the rest in the other ("side": modules of
+    unit tests, and tests with Ray heads, nodes and servers of their own, which spend much of their
+    time waiting on them).
     """
     for item in items:
         if item.get_closest_marker("e2e") or E2E_FIXTURES & set(item.fixturenames):
@@ -45,7 +52,12 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         else:
             item.add_marker(pytest.mark.unit)
-        item.add_marker(pytest.mark.xdist_group("session" if "ray_session" in item.fixturenames else "side"))
+    # A module with a test on the session cluster runs on the "session" worker (its module fixtures are built once).
+    on_session = {item.module.__name__ for item in items if "ray_session" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        side = module in SIDE_MODULES or module not in on_session or "shared_head" in item.fixturenames
+        item.add_marker(pytest.mark.xdist_group("side" if side else "session"))
 
 
 @pytest.fixture(autouse=True)

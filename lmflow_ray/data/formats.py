@@ -25,6 +25,7 @@ TYPES = (
     "paired_text_to_text",
     "text_to_scored_textlist",
     "image_text",
+    "multiple_choice",
 )
 
 ROLES = ("user", "assistant", "tool")
@@ -147,6 +148,19 @@ def check_instance(dtype: str, inst: Any) -> list[str]:
                 _need_str(o, "text", problems, prefix=f"output[{j}].")
                 if not _is_number(o.get("score")):
                     problems.append(f"key 'output[{j}].score': expected a number, got {_tname(o.get('score'))}")
+    elif dtype == "multiple_choice":
+        _need_str(inst, "input", problems)
+        choices, answer = inst.get("choices"), inst.get("answer")
+        if "choices" not in inst:
+            problems.append("key 'choices': missing (a list of at least 2 answer texts is required)")
+        elif not isinstance(choices, list) or len(choices) < 2 or not all(_is_str(c) and c for c in choices):
+            problems.append(f"key 'choices': expected at least 2 non-empty strings, got {json.dumps(choices)[:80]}")
+        elif "answer" not in inst:
+            problems.append("key 'answer': missing (the correct choice: its text or its 0-based index)")
+        elif not (isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices)) \
+                and answer not in choices:
+            problems.append(f"key 'answer': {json.dumps(answer)[:60]} is not one of the {len(choices)} choices "
+                            f"(give a choice's text or an index 0-{len(choices) - 1})")
     elif dtype == "image_text":
         _need_str(inst, "image", problems, allow_empty=False)
         if "messages" in inst:
@@ -191,7 +205,7 @@ def prompt_of(dtype: str, inst: dict):
     if dtype == "conversation":
         system = inst.get("system") or next((m["content"] for m in inst["messages"] if m["role"] == "system"), "")
         return ([{"role": "system", "content": system}] if system else []) + prompt_messages(inst)
-    return inst["input"] if dtype == "text2text" else inst["text"]
+    return inst["input"] if dtype in ("text2text", "multiple_choice") else inst["text"]
 
 
 def normalize(dtype: str, inst: dict, for_prompt: bool = False) -> dict:
@@ -215,6 +229,10 @@ def normalize(dtype: str, inst: dict, for_prompt: bool = False) -> dict:
                 "margin": float(m) if m is not None else 0.0}
     if dtype == "text_to_scored_textlist":
         return {"input": inst["input"], "output": [{"text": o["text"], "score": float(o["score"])} for o in inst["output"]]}
+    if dtype == "multiple_choice":
+        a = inst["answer"]
+        return {"input": inst["input"], "choices": list(inst["choices"]),
+                "answer": a if isinstance(a, int) else inst["choices"].index(a)}
     if dtype == "image_text":
         row = {"image": inst["image"], "input": inst.get("input", ""), "output": inst.get("output", "")}
         conv = _normalize_conversation(inst) if "messages" in inst else {"system": "", "messages": [], "tools": ""}
@@ -243,6 +261,7 @@ def arrow_schema(dtype: str):
                                 ("margin", pa.float64())],
         "text_to_scored_textlist": [("input", pa.string()),
                                     ("output", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())])))],
+        "multiple_choice": [("input", pa.string()), ("choices", pa.list_(pa.string())), ("answer", pa.int64())],
         "image_text": [("image", pa.string()), ("input", pa.string()), ("output", pa.string()),
                        ("system", pa.string()), ("messages", pa.list_(msg)), ("tools", pa.string())],
     }[dtype]
