@@ -8,7 +8,7 @@ full finetuning, CPU.
    iteration starts after it). Reported per method: iterations done, mean sample reward of
    the first and last rollout, peak memory (sum of the resident sets of the driver and every
    Ray worker process, sampled every 0.5 s, minus the idle level before the run; shared pages
-   count once per process, so it is an upper bound), and the Table-5 metrics (reward, ppl,
+   count once per process, so it is an upper bound), and the Table-5 metrics (reward, response_ppl,
    msttr, distinct, unique, length via `lmflow-ray eval`'s `evaluate`) of the starting model and
    of each final policy on the 24 held-out prompts (examples/data/kv2json_heldout.json), from
    which reward gained per minute = (held-out reward after - before) / wall minutes.
@@ -74,7 +74,7 @@ def table5(model: str, out: Path) -> dict:
     from lmflow_ray.eval.run import evaluate
     from lmflow_ray.inference.engine import SamplingParams
 
-    report = evaluate(model, str(HELDOUT), ["reward", "ppl", "msttr", "distinct", "unique", "length"], out,
+    report = evaluate(model, str(HELDOUT), ["reward", "response_ppl", "msttr", "distinct", "unique", "length"], out,
                       reward=REWARD, params=SamplingParams(max_tokens=48, temperature=0.0))
     return {k: round(v, 4) for k, v in report["metrics"].items()}
 

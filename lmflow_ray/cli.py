@@ -79,12 +79,19 @@ def cmd_dpo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lmflow_ray.eval.run import evaluate, summary_line
+    from lmflow_ray.eval.run import compare, evaluate, summary_line
     from lmflow_ray.inference.engine import SamplingParams
 
+    if args.compare:
+        print(compare(*args.compare))
+        return 0
+    missing = [flag for flag, v in (("--model", args.model), ("--data", args.data), ("--out", args.out)) if not v]
+    if missing:
+        raise UserError(f"eval needs {', '.join(missing)} (or --compare A.json B.json to set two reports side by side)")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     result = evaluate(args.model, args.data, [m.strip() for m in args.metrics.split(",") if m.strip()], args.out,
-             reward=args.reward, engine=args.engine, params=params, template=args.template, batch_size=args.batch_size)
+                      reward=args.reward, engine=args.engine, params=params, template=args.template,
+                      batch_size=args.batch_size, max_length=args.max_length)
     print(summary_line(result, args.out))
     return 0
 
@@ -221,13 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
         al.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         al.set_defaults(func=func)
 
-    ev = sub.add_parser("eval", help="generate responses to prompts and report alignment metrics")
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--data", required=True, help="conversation, text2text or text_only prompts")
-    ev.add_argument("--metrics", default="reward,ppl,msttr,distinct,unique,length",
-                    help="comma-separated: reward,ppl,msttr,distinct,unique,length")
+    ev = sub.add_parser("eval", help="evaluate a model: perplexity, accuracy (exact match, multiple choice), "
+                                     "reward and diversity of its answers")
+    ev.add_argument("--model", help="zoo name, model dir, training output or LoRA adapter dir")
+    ev.add_argument("--data", help="conversation, text2text, text_only or multiple_choice data")
+    ev.add_argument("--metrics", default="reward,response_ppl,msttr,distinct,unique,length",
+                    help="comma-separated: nll,ppl (the data's own text), accuracy (exact match; multiple choice: "
+                         "acc, acc_norm), reward,response_ppl,msttr,distinct,unique,length (generated answers)")
     ev.add_argument("--reward", help="reward model dir (lmflow-ray reward-model output) or module:function")
-    ev.add_argument("--out", required=True, help="JSON report to write (must not exist)")
+    ev.add_argument("--out", help="JSON report to write (must not exist)")
+    ev.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two reports side by side and exit")
+    ev.add_argument("--max-length", type=int, help="cut each instance to this many tokens for nll/ppl (as training)")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ev.add_argument("--max-tokens", type=int, default=128)
     ev.add_argument("--temperature", type=float, default=0.0)

@@ -30,20 +30,28 @@ E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster"}
 RAY_FIXTURES = {"ray_session", "reference_zero2"}
 
 
-# Modules run on the "side" xdist worker although some of their tests may touch Ray: they bring
-# their own Ray heads, nodes and servers and spend much of their time waiting on them.
-SIDE_MODULES = {"test_autoscaling", "test_multinode", "test_jobs", "test_serve_cli"}
+# `make test` runs the suite on two xdist workers (`pytest -n 2 --dist loadscope`, scheduled by
+# module through the scheduler below): the modules with tests on the session's Ray cluster on one
+# worker ("session": one cluster, module fixtures built once), every other module on the other
+# ("side": unit tests, and the tests with Ray heads, nodes and servers of their own, which spend much
+# of their time waiting on them). The set is checked against the tests at collection.
+SESSION_MODULES = {"test_alignment", "test_batch_inference", "test_data_reader", "test_finetune", "test_iterative_dpo",
+                   "test_long_context", "test_lora_smollm2", "test_pipeline", "test_ppo", "test_raft", "test_serve"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+            return "session" if module in SESSION_MODULES else "side"
+
+    return TwoGroups(config, log)
+
+
 def pytest_collection_modifyitems(items):
-    """Every test gets exactly one of unit / ray / e2e (`make test-fast` runs unit and ray).
-
-    Under `pytest -n 2 --dist loadgroup` (`make test`) the suite runs on two workers: modules with
-    tests on the session's Ray cluster in one ("session"), the rest in the other ("side": modules of
-    unit tests, and tests with Ray heads, nodes and servers of their own, which spend much of their
-    time waiting on them).
-    """
+    """Every test gets exactly one of unit / ray / e2e (`make test-fast` runs unit and ray)."""
     for item in items:
         if item.get_closest_marker("e2e") or E2E_FIXTURES & set(item.fixturenames):
             if not item.get_closest_marker("e2e"):
@@ -52,12 +60,10 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
         else:
             item.add_marker(pytest.mark.unit)
-    # A module with a test on the session cluster runs on the "session" worker (its module fixtures are built once).
     on_session = {item.module.__name__ for item in items if "ray_session" in item.fixturenames}
-    for item in items:
-        module = item.module.__name__
-        side = module in SIDE_MODULES or module not in on_session or "shared_head" in item.fixturenames
-        item.add_marker(pytest.mark.xdist_group("side" if side else "session"))
+    if on_session - SESSION_MODULES:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(on_session - SESSION_MODULES)} to SESSION_MODULES "
+                                "(they use the session's Ray cluster)")
 
 
 @pytest.fixture(autouse=True)

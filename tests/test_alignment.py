@@ -60,12 +60,12 @@ def test_eval_reports_table5_metrics(reward_model, tiny_llama, repo, tmp_path, c
         {"messages": [{"role": "user", "content": x["prompt"]}]} for x in held]}))
     report = tmp_path / "report.json"
     proc = cli("eval", "--model", str(tiny_llama), "--data", str(prompts), "--reward", str(out),
-                   "--metrics", "reward,ppl,msttr,distinct,unique,length", "--max-tokens", "40", "--out", str(report))
+                   "--metrics", "reward,response_ppl,msttr,distinct,unique,length", "--max-tokens", "40", "--out", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(report.read_text())
     m = result["metrics"]
-    assert set(m) == {"reward", "ppl", "msttr-100", "distinct-1", "distinct-2", "unique-1", "unique-2", "length"}
-    assert m["ppl"] > 1 and 0 < m["distinct-1"] <= 1 and m["length"] > 0
+    assert set(m) == {"reward", "response_ppl", "msttr-100", "distinct-1", "distinct-2", "unique-1", "unique-2", "length"}
+    assert m["response_ppl"] > 1 and 0 < m["distinct-1"] <= 1 and m["length"] > 0
     assert len(result["samples"]) == 8 and all("reward" in s for s in result["samples"])
     assert m["reward"] == pytest.approx(sum(s["reward"] for s in result["samples"]) / 8)
     # A rule-based reward function works the same way.

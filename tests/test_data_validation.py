@@ -33,6 +33,7 @@ VALID = {
     "paired_text_to_text": {"prompt": "Say hi", "chosen": "Hi", "rejected": "Go away", "margin": 1.5},
     "text_to_scored_textlist": {"input": "Say hi", "output": [{"text": "Hi", "score": 1}, {"text": "No", "score": -0.5}]},
     "image_text": {"image": "img/cat.png", "messages": CONV["messages"]},
+    "multiple_choice": {"input": "Question: 2 + 2?\nAnswer:", "choices": ["4", "5"], "answer": 0},
 }
 
 
@@ -206,10 +207,17 @@ def test_directory_without_dataset_files(tmp_path):
          "key 'rejected.messages': empty"),
         ("image_text", {"image": "", "input": "a", "output": "b"}, "key 'image': empty string"),
         ("text_only", ["not", "an", "object"], "expected an object, got array"),
+        ("multiple_choice", {"input": "Q", "choices": ["a", "b"]},
+         "key 'answer': missing (the correct choice: its text or its 0-based index)"),
+        ("multiple_choice", {"input": "Q", "choices": ["a", "b"], "answer": "c"},
+         "key 'answer': \"c\" is not one of the 2 choices (give a choice's text or an index 0-1)"),
+        ("multiple_choice", {"input": "Q", "choices": ["a", "b"], "answer": 2}, "key 'answer': 2 is not one of the 2"),
+        ("multiple_choice", {"input": "Q", "choices": [], "answer": 0},
+         "key 'choices': expected at least 2 non-empty strings, got []"),
     ],
     ids=["missing-key", "wrong-type", "margin-type", "score-type", "starts-with-assistant", "roles-out-of-order",
          "empty-content", "unknown-role", "messages-missing", "messages-not-array", "paired-empty", "image-empty",
-         "instance-not-object"],
+         "instance-not-object", "mc-no-answer", "mc-answer-not-a-choice", "mc-index-out-of-range", "mc-empty-choices"],
 )
 def test_instance_problem_names_file_index_and_key(tmp_path, dtype, instance, expected):
     # The bad instance is the second one, so the index in the message is checked to be 1, not 0.
