@@ -138,6 +138,16 @@ def cmd_merge_lora(args) -> int:
     return 0
 
 
+def cmd_vocab_extend(args) -> int:
+    from lmflow_ray.models.vocab import extend_vocabulary
+
+    info = extend_vocabulary(args.model, args.corpus, args.new_tokens, args.out)
+    print(f"[lmflow-ray] added {info['added']} tokens (vocabulary {info['vocab_size']}); the corpus takes "
+          f"{info['corpus_tokens_after']} tokens instead of {info['corpus_tokens_before']} "
+          f"({info['tokens_ratio']:.2f}x); model and tokenizer: {args.out}")
+    return 0
+
+
 def cmd_infer(args) -> int:
     from lmflow_ray.inference.engine import SamplingParams
     from lmflow_ray.inference.run import infer
@@ -270,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--only", metavar="STAGE", help="run only this stage (again)")
     pl.add_argument("--no-serve", action="store_true", help="skip serve stages (CI-like runs)")
     pl.set_defaults(func=cmd_pipeline)
+
+    vocab = sub.add_parser("vocab", help="vocabulary extension").add_subparsers(dest="vocab_cmd", required=True)
+    ve = vocab.add_parser("extend", help="learn domain tokens from a corpus and add them to a model")
+    ve.add_argument("--model", required=True, help="zoo name, model dir or training output")
+    ve.add_argument("--corpus", required=True, help="a text file or an LMFlow text_only dataset")
+    ve.add_argument("--new-tokens", type=int, required=True, help="how many tokens to add at most")
+    ve.add_argument("--out", required=True, help="directory to write (new or empty)")
+    ve.set_defaults(func=cmd_vocab_extend)
 
     m = sub.add_parser("merge-lora", help="merge a LoRA adapter into its base model")
     m.add_argument("--base", required=True)

@@ -36,7 +36,8 @@ RAY_FIXTURES = {"ray_session", "reference_zero2"}
 # ("side": unit tests, and the tests with Ray heads, nodes and servers of their own, which spend much
 # of their time waiting on them). The set is checked against the tests at collection.
 SESSION_MODULES = {"test_alignment", "test_batch_inference", "test_data_reader", "test_finetune", "test_iterative_dpo",
-                   "test_long_context", "test_lora_smollm2", "test_pipeline", "test_ppo", "test_raft", "test_serve"}
+                   "test_long_context", "test_lora_smollm2", "test_pipeline", "test_ppo", "test_raft", "test_serve",
+                   "test_vocab"}
 
 
 def pytest_xdist_make_scheduler(config, log):
