@@ -195,6 +195,19 @@ def test_text2text_labels(tiny):
     assert tiny.decode(unlearned) == tiny.bos_token + "Translate: chat"
 
 
+def test_multiple_choice_trains_on_the_right_choice(tiny):
+    """A multiple_choice row (as Ray Data hands it: numpy arrays) learns " " + its right choice, nothing else."""
+    import numpy as np
+
+    from lmflow_ray.data.tokenize import tokenize_batch
+
+    batch = {"input": np.array(["Question: 2 + 2?\nAnswer:"], dtype=object),
+             "choices": np.array([np.array(["three", "four"], dtype=object)], dtype=object), "answer": np.array([1])}
+    out = tokenize_batch(batch, "multiple_choice", tiny, None, 64)
+    example = {"input_ids": out["input_ids"][0], "labels": out["labels"][0]}
+    assert learned_spans(example, tiny) == [" four" + tiny.eos_token]
+
+
 def test_text_labels_and_no_cut_by_default(tiny):
     text = "the quick brown fox " * 40
     example = tokenize_text({"text": text}, tiny)

@@ -18,7 +18,10 @@ from lmflow_ray.data.templates import render_segments
 from lmflow_ray.errors import UserError
 
 IGNORE_INDEX = -100
-TOKENIZABLE_TYPES = ("text_only", "text2text", "conversation")
+TOKENIZABLE_TYPES = ("text_only", "text2text", "conversation", "multiple_choice")
+# A multiple_choice instance trains as text2text: the input, then this delimiter and the right choice
+# (what eval's multiple-choice scoring, and lm-evaluation-harness, score as the continuation).
+CHOICE_DELIMITER = " "
 
 Example = dict[str, list[int]]
 
@@ -90,6 +93,9 @@ def _rows(batch: dict[str, Any], dtype: str) -> list[dict]:
         return [{"text": _as_str(t)} for t in batch["text"]]
     if dtype == "text2text":
         return [{"input": _as_str(i), "output": _as_str(o)} for i, o in zip(batch["input"], batch["output"])]
+    if dtype == "multiple_choice":
+        return [{"input": _as_str(i), "output": CHOICE_DELIMITER + _as_str(list(c)[int(a)])}
+                for i, c, a in zip(batch["input"], batch["choices"], batch["answer"])]
     n = len(batch["messages"])
     systems = batch.get("system", [None] * n)
     tools = batch.get("tools", [None] * n)
@@ -112,7 +118,7 @@ def tokenize_batch(batch: dict[str, Any], dtype: str, tokenizer, template: str |
     for row in _rows(batch, dtype):
         if dtype == "text_only":
             examples.append(tokenize_text(row, tokenizer))
-        elif dtype == "text2text":
+        elif dtype in ("text2text", "multiple_choice"):
             examples.append(tokenize_text2text(row, tokenizer, max_length))
         else:
             examples.append(tokenize_conversation(row, tokenizer, template, max_length))

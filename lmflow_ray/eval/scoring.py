@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-TARGET_DELIMITER = " "
+from lmflow_ray.data.tokenize import CHOICE_DELIMITER as TARGET_DELIMITER  # the harness's default, and training's
 
 
 def normalize_answer(text: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from lmflow_ray.errors import UserError
 
-TRAINABLE_TYPES = ("text_only", "text2text", "conversation")
+TRAINABLE_TYPES = ("text_only", "text2text", "conversation", "multiple_choice")  # multiple_choice as text2text
 
 
 def _tokenize(batch, dtype: str, tokenizer_path: str, template: str | None, max_length: int | None):
