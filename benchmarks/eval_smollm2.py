@@ -43,8 +43,8 @@ def lora_sft(data: Path, out: Path, steps: int) -> float:
 def main() -> None:
     from lmflow_ray.eval.harness import run_harness
     from lmflow_ray.eval.run import evaluate
-    from lmflow_ray.models.vocab import extend_vocabulary
     from lmflow_ray.runtime import init_ray
+    from lmflow_ray.train.vocab import extend_vocabulary
 
     init_ray()
     result: dict = {"machine": machine(), "versions": versions()}

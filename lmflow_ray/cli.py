@@ -139,7 +139,7 @@ def cmd_merge_lora(args) -> int:
 
 
 def cmd_vocab_extend(args) -> int:
-    from lmflow_ray.models.vocab import extend_vocabulary
+    from lmflow_ray.train.vocab import extend_vocabulary
 
     info = extend_vocabulary(args.model, args.corpus, args.new_tokens, args.out)
     print(f"[lmflow-ray] added {info['added']} tokens (vocabulary {info['vocab_size']}); the corpus takes "

@@ -15,7 +15,7 @@ CORPUS = "examples/data/domain_corpus.txt"
 
 @pytest.fixture(scope="module")
 def extended(tiny_llama, repo, tmp_path_factory):
-    from lmflow_ray.models.vocab import extend_vocabulary
+    from lmflow_ray.train.vocab import extend_vocabulary
 
     out = tmp_path_factory.mktemp("vocab") / "tiny-bio"
     info = extend_vocabulary(str(tiny_llama), str(repo / CORPUS), 40, out)
@@ -73,7 +73,7 @@ def test_continued_pretraining_of_the_extended_model_lowers_perplexity(ray_sessi
 
 def test_the_extended_smollm2_runs_on_vllm(smollm2, repo, tmp_path):
     from lmflow_ray.inference import SamplingParams, make_engine
-    from lmflow_ray.models.vocab import extend_vocabulary
+    from lmflow_ray.train.vocab import extend_vocabulary
 
     info = extend_vocabulary(str(smollm2), str(repo / CORPUS), 16, tmp_path / "smol-bio")
     assert info["added"] >= 8 and info["tokens_ratio"] < 0.95, info
