@@ -101,7 +101,7 @@ def cmd_eval(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     result = evaluate(args.model, args.data, [m.strip() for m in args.metrics.split(",") if m.strip()], args.out,
                       reward=args.reward, engine=args.engine, params=params, template=args.template,
-                      batch_size=args.batch_size, max_length=args.max_length)
+                      batch_size=args.batch_size, max_length=args.max_length, workers=args.workers)
     print(summary_line(result, args.out))
     return 0
 
@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "a local task) instead of --data/--metrics")
     ev.add_argument("--harness-include", metavar="DIR", help="a directory of your own harness task YAMLs")
     ev.add_argument("--max-length", type=int, help="cut each instance to this many tokens for nll/ppl (as training)")
+    ev.add_argument("--workers", type=int, default=0,
+                    help="0 (default): score in this process; N >= 1: nll/ppl/multiple-choice scoring by N model "
+                         "actors over Ray Data (on the cluster in RAY_ADDRESS, else a local Ray)")
     ev.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     ev.add_argument("--max-tokens", type=int, default=128)
     ev.add_argument("--temperature", type=float, default=0.0)

@@ -40,3 +40,27 @@ def test_actor_pool_matches_single_process(ray_session, tiny_llama, prompt_files
     assert [r["input"] for r in b] == [r["input"] for r in a]  # dataset order kept
     assert [r["output"] for r in b] == [r["output"] for r in a]
     assert "answers" in pooled.stderr and "tokens/s" in pooled.stderr  # progress lines
+
+
+def test_eval_scoring_over_an_actor_pool_matches_one_process(ray_session, tiny_llama, repo, tmp_path, cli):
+    """`lmflow-ray eval --workers 2`: nll/ppl of conversations and multiple-choice accuracy scored by two model
+    actors over Ray Data give the single-process numbers and per-sample details, in dataset order."""
+    for data, metrics in ((repo / "examples/data/sft_tiny.json", "nll,ppl"), (repo / "examples/data/mc_tiny.json", "accuracy")):
+        reports = {}
+        for workers in ("0", "2"):
+            out = tmp_path / f"{data.stem}-{workers}.json"
+            result = cli("eval", "--model", str(tiny_llama), "--data", str(data), "--metrics", metrics,
+                         "--batch-size", "8", "--workers", workers, "--out", str(out))
+            assert result.returncode == 0, result.stderr
+            reports[workers] = json.loads(out.read_text())
+        one, pool = reports["0"], reports["2"]
+        assert pool["metrics"] == pytest.approx(one["metrics"], rel=1e-6) and pool["counts"] == one["counts"]
+        assert pool["instances"] == one["instances"] > 10
+        for a, b in zip(pool["samples"], one["samples"]):  # the same instance at the same place
+            if metrics == "nll,ppl":
+                assert a["tokens"] == b["tokens"] and a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-6)
+            else:
+                assert a["input"] == b["input"] and a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-6)
+    bad = cli("eval", "--model", str(tiny_llama), "--data", str(repo / "examples/data/sft_tiny.json"),
+              "--metrics", "length", "--workers", "2", "--out", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "--workers N distributes nll, ppl and multiple-choice accuracy" in bad.stderr

@@ -34,8 +34,8 @@ SCORING_METRICS = ("nll", "ppl")
 METRICS = GENERATION_METRICS + SCORING_METRICS + ("accuracy",)
 
 
-def read_instances(data: str | Path) -> tuple[str, list[dict], dict[str, str]]:
-    """(dataset type, raw instances, {file: sha256}) of a validated eval dataset."""
+def read_instances(data: str | Path, load: bool = True) -> tuple[str, list[dict], dict[str, str]]:
+    """(dataset type, raw instances (none unless `load`), {file: sha256}) of a validated eval dataset."""
     from lmflow_ray.data.source import dataset_type, iter_instances, validate
 
     summary = validate(data)
@@ -50,7 +50,7 @@ def read_instances(data: str | Path) -> tuple[str, list[dict], dict[str, str]]:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         hashes[str(f)] = h.hexdigest()
-    return dtype, [inst for f in files for _, _, inst in iter_instances(f)], hashes
+    return dtype, [inst for f in files for _, _, inst in iter_instances(f)] if load else [], hashes
 
 
 def read_prompts(data: str | Path) -> tuple[str, list]:
@@ -100,7 +100,7 @@ def response_perplexity(model, tokenizer, prompt_texts: list[str], responses: li
 
 def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward: str | None = None,
              engine: str = "hf", params=None, template: str | None = None, batch_size: int = 16,
-             max_length: int | None = None) -> dict:
+             max_length: int | None = None, workers: int = 0) -> dict:
     from lmflow_ray.data.formats import normalize, prompt_of
     from lmflow_ray.eval import scoring
     from lmflow_ray.models.zoo import resolve_model
@@ -118,14 +118,20 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; pass another --out or remove it (eval never overwrites)")
-    dtype, insts, hashes = read_instances(data)
-    if not insts:
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    dtype, insts, hashes = read_instances(data, load=not workers)
+    if workers and (set(metrics) & set(GENERATION_METRICS) or ("accuracy" in metrics and dtype != "multiple_choice")):
+        raise UserError("--workers N distributes nll, ppl and multiple-choice accuracy (the data scored by the model); "
+                        "metrics of generated answers run in one process (answers for a large file: "
+                        "lmflow-ray infer --workers N)")
+    if not insts and not workers:
         raise UserError(f"{data}: no instances")
     if dtype == "multiple_choice":
         wrong = [m for m in metrics if m != "accuracy"]
         if wrong:
             raise UserError(f"{data}: multiple_choice data is scored by --metrics accuracy only (not {', '.join(wrong)})")
-    if set(metrics) & set(SCORING_METRICS) and dtype == "conversation" \
+    if set(metrics) & set(SCORING_METRICS) and dtype == "conversation" and insts \
             and not any(m.get("role") == "assistant" for i in insts for m in i["messages"]):
         raise UserError(f"{data}: --metrics nll/ppl score the assistant turns, and these conversations have none "
                         "(for prompts only, use response_ppl: the perplexity of the model's own answers)")
@@ -162,29 +168,40 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
         gen_model = None
 
     if set(metrics) & set(SCORING_METRICS) or (dtype == "multiple_choice" and "accuracy" in metrics):
-        from lmflow_ray.models.loading import load_for_generation
-
-        lm, tok = gen_model or load_for_generation(model)
-        rows = [normalize(dtype, i) for i in insts]
         t0 = time.time()
+        if workers:  # rows stream from Ray Data through `workers` model actors, in dataset order
+            scored = list(scoring.score_with_ray(model, data, dtype, template, max_length, batch_size, workers))
+            rows = [r for r, _ in scored]
+            samples = [{} for _ in rows]
+            result["instances"] = len(rows)
+        else:
+            from lmflow_ray.models.loading import load_for_generation
+
+            lm, tok = gen_model or load_for_generation(model)
+            rows = [normalize(dtype, i) for i in insts]
+            if dtype == "multiple_choice":
+                scored = list(zip(rows, scoring.choice_loglikelihoods(lm, tok, rows, batch_size)))
+            else:
+                scored = list(zip(rows, scoring.dataset_nll(lm, tok, dtype, rows, template, max_length, batch_size)))
+        if not rows:
+            raise UserError(f"{data}: no instances")
         if dtype == "multiple_choice":
-            logliks = scoring.choice_loglikelihoods(lm, tok, rows, batch_size)
-            acc, details = scoring.multiple_choice_accuracy(rows, logliks)
+            acc, details = scoring.multiple_choice_accuracy(rows, [ll for _, ll in scored])
             report.update(acc), counts.update(acc=len(rows), acc_norm=len(rows))
             for smp, d in zip(samples, details):
                 smp.update(d)
         else:
-            scored = scoring.dataset_nll(lm, tok, dtype, rows, template, max_length, batch_size)
-            total, tokens = sum(n for n, _ in scored), sum(c for _, c in scored)
+            total, tokens = sum(n for _, (n, _) in scored), sum(c for _, (_, c) in scored)
             if tokens == 0:
                 raise UserError(f"{data}: no tokens to score (every instance's learned part is empty)")
             if "nll" in metrics:
                 report["nll"], counts["nll"] = total / tokens, tokens
             if "ppl" in metrics:
                 report["ppl"], counts["ppl"] = math.exp(total / tokens), tokens
-            for smp, (n, c) in zip(samples, scored):
+            for smp, (_, (n, c)) in zip(samples, scored):
                 smp.update(nll_sum=n, tokens=c)
-        print(f"[lmflow-ray] eval: scored {len(rows)} instances ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(f"[lmflow-ray] eval: scored {len(rows)} instances ({time.time() - t0:.0f} s"
+              + (f", {workers} workers)" if workers else ")"), file=sys.stderr, flush=True)
 
     result.update(metrics=report, counts=counts, samples=samples)
     out.parent.mkdir(parents=True, exist_ok=True)

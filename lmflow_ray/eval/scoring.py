@@ -112,3 +112,65 @@ def multiple_choice_accuracy(rows: list[dict], logliks: list[list[float]]) -> tu
                         "pick": pick, "pick_norm": pick_norm})
     n = max(len(rows), 1)
     return {"acc": acc / n, "acc_norm": acc_norm / n}, samples
+
+
+def _numpy_rows(batch: dict, dtype: str) -> list[dict]:
+    """Normalised rows back from a Ray Data numpy batch (lists arrive as object arrays)."""
+    def s(v):
+        return "" if v is None else str(v)
+
+    n = len(next(iter(batch.values())))
+    if dtype == "multiple_choice":
+        return [{"input": s(batch["input"][i]), "choices": [s(c) for c in batch["choices"][i]],
+                 "answer": int(batch["answer"][i])} for i in range(n)]
+    if dtype == "text2text":
+        return [{"input": s(batch["input"][i]), "output": s(batch["output"][i])} for i in range(n)]
+    if dtype == "text_only":
+        return [{"text": s(batch["text"][i])} for i in range(n)]
+    return [{"system": s(batch["system"][i]) if "system" in batch else "",
+             "messages": [{"role": s(m["role"]), "content": s(m["content"])} for m in batch["messages"][i]],
+             "tools": s(batch["tools"][i]) if "tools" in batch else ""} for i in range(n)]
+
+
+class ScoreWorker:
+    """A Ray Data actor for `eval --workers N`: loads the model once, scores many batches of rows."""
+
+    def __init__(self, model: str, dtype: str, template: str | None, max_length: int | None, batch_size: int):
+        from lmflow_ray.models.loading import load_for_generation
+
+        self.lm, self.tok = load_for_generation(model)
+        self.dtype, self.template, self.max_length, self.batch_size = dtype, template, max_length, batch_size
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        rows = _numpy_rows(batch, self.dtype)
+        if self.dtype == "multiple_choice":
+            lls = choice_loglikelihoods(self.lm, self.tok, rows, self.batch_size)
+            return {"row": [json.dumps(r) for r in rows], "loglikelihoods": [json.dumps(x) for x in lls]}
+        scored = dataset_nll(self.lm, self.tok, self.dtype, rows, self.template, self.max_length, self.batch_size)
+        return {"row": [json.dumps(r) for r in rows], "nll_sum": [n for n, _ in scored], "tokens": [c for _, c in scored]}
+
+
+def score_with_ray(model: str, data: str, dtype: str, template: str | None, max_length: int | None, batch_size: int,
+                   workers: int, cpus_per_worker: float = 1.0):
+    """Yield (row, result) in dataset order, scored by `workers` model actors over Ray Data: result is
+    (nll_sum, tokens) or, for multiple_choice, the choices' log-likelihoods."""
+    import json
+
+    import ray
+
+    from lmflow_ray.data.reader import read_dataset
+    from lmflow_ray.runtime import init_ray
+
+    init_ray()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = read_dataset(data, dtype)[0].map_batches(
+        ScoreWorker, fn_constructor_kwargs={"model": str(model), "dtype": dtype, "template": template,
+                                            "max_length": max_length, "batch_size": batch_size},
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+        batch_format="numpy")
+    for out in ds.iter_rows():
+        row = json.loads(out["row"])
+        yield row, (json.loads(out["loglikelihoods"]) if dtype == "multiple_choice"
+                    else (float(out["nll_sum"]), int(out["tokens"])))
