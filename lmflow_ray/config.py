@@ -225,18 +225,24 @@ class LoggingSettings(Strict):
         return Path(v).expanduser().resolve().as_uri()
 
 
-class FinetuneConfig(JobConfig):
-    """`lmflow-ray finetune`: continuous pretraining, task/instruction tuning, LoRA, QLoRA, LISA."""
+class TrainingJobConfig(JobConfig):
+    """What every job that trains shares: the optimisation loop, LoRA, the workers, ZeRO, trackers, resume."""
 
     train: TrainConfig = TrainConfig()
     lora: LoraSettings = LoraSettings()
-    lisa: LisaSettings = LisaSettings()
     scaling: ScalingSettings = ScalingSettings()
     # A ZeRO config: zero0 | zero2 | zero3 | zero3_offload (configs/deepspeed/NAME.json) or a JSON path.
     deepspeed: str = "zero2"
     logging: LoggingSettings = LoggingSettings()
-    # Continue from an earlier run's output dir (or a checkpoint dir inside it).
+    # Continue from an earlier run's output dir (finetune: or a checkpoint dir inside it; RL jobs: the same
+    # output_dir, from its last checkpoint, numbering and prompt order going on).
     resume_from: str | None = None
+
+
+class FinetuneConfig(TrainingJobConfig):
+    """`lmflow-ray finetune`: continuous pretraining, task/instruction tuning, LoRA, QLoRA, LISA."""
+
+    lisa: LisaSettings = LisaSettings()
     # Restarts of the worker group after a worker dies (from the last checkpoint).
     max_failures: AtLeast0 = 0
     # Where Ray Train keeps the checkpoints (default OUT/checkpoints): a pyarrow filesystem URI that every
@@ -366,25 +372,18 @@ class ActorResources(Strict):
     num_gpus: NonNegative = 0.0
 
 
-class AlignConfig(JobConfig):
-    """What RAFT and PPO share: the reward, the generation actors, and the policy trainer's settings."""
+class AlignConfig(TrainingJobConfig):
+    """What RAFT and PPO share: the reward, the generation actors, and the policy trainer's settings
+    (`train` etc.: the finetuning loop's; num_epochs = passes over each iteration's rows, the LR schedule
+    spans all iterations; the trainer is alive for the whole run)."""
 
     # Reward model dir (lmflow-ray reward-model output) or Python function module:function.
     reward: str
     generation: GenerationSettings = GenerationSettings()
     reward_actor: ActorResources = ActorResources()
     reference_actor: ActorResources = ActorResources()
-    # The policy trainer (alive for the whole run): the finetuning loop's settings; num_epochs = passes
-    # over each iteration's rows, the LR schedule spans all iterations.
-    train: TrainConfig = TrainConfig()
-    lora: LoraSettings = LoraSettings()
-    scaling: ScalingSettings = ScalingSettings()
-    deepspeed: str = "zero2"
-    logging: LoggingSettings = LoggingSettings()
     # Checkpoint the whole run state every N iterations into OUT/checkpoints/ (0: never); the last one is kept.
     save_iterations: AtLeast0 = 0
-    # Continue a run from its output dir's last checkpoint (the same output_dir; numbering and prompt order go on).
-    resume_from: str | None = None
 
     @model_validator(mode="after")
     def _fixed_trainer(self):

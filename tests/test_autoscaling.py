@@ -124,25 +124,13 @@ codes = {}
 lock = threading.Lock()
 stop = threading.Event()
 
-def client_loop():
-    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 48, "temperature": 0}).encode()
-    while not stop.is_set():
-        req = urllib.request.Request(f"http://127.0.0.1:{serve_port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                code = r.status
-                assert json.loads(r.read())["choices"][0]["text"] is not None
-        except urllib.error.HTTPError as e:
-            code = e.code
-        except Exception as e:
-            code = type(e).__name__
-        with lock:
-            codes[str(code)] = codes.get(str(code), 0) + 1
+def outcome(code):
+    with lock:
+        codes[str(code)] = codes.get(str(code), 0) + 1
 
-threads = [threading.Thread(target=client_loop) for _ in range(8)]
-for th in threads:
-    th.start()
+sys.path.insert(0, "tests")
+from load_clients import start_clients
+threads = start_clients(serve_port, 8, 48, outcome, stop)
 peak_replicas = 0
 end = time.time() + 150  # bounded: until Serve added a replica on a node the autoscaler added, or 150 s
 while time.time() < end:

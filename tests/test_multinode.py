@@ -29,6 +29,7 @@ import yaml
 from conftest import free_port, make_cfg, private_ray_head, ray_start, stop_head
 
 pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
@@ -185,25 +186,18 @@ def say(**row):
 t0 = time.time()
 ok, failures, lock, stop = [0], [], threading.Lock(), threading.Event()
 
-def client():
-    body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 16, "temperature": 0}).encode()
-    while not stop.is_set():
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                json.loads(r.read())["choices"][0]["text"]
-            with lock:
-                ok[0] += 1
-        except Exception as e:
-            with lock:
-                failures.append({"t": round(time.time() - t0, 2), "error": getattr(e, "code", None) or type(e).__name__})
+def outcome(code):
+    with lock:
+        if code == 200:
+            ok[0] += 1
+        else:
+            failures.append({"t": round(time.time() - t0, 2), "error": code})
 
 running, nodes = replicas()
 say(event="ready", replicas=running, nodes=nodes)
-threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
-for th in threads:
-    th.start()
+sys.path.insert(0, "tests")
+from load_clients import start_clients
+threads = start_clients(port, 4, 16, outcome, stop, timeout=60, daemon=True)
 watch = threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True)
 watch.start()
 while not stop.is_set():
@@ -236,7 +230,7 @@ def test_serve_keeps_answering_when_a_node_dies(slot_cluster, tiny_llama):
         raise AssertionError(f"timed out; last rows: {rows[-5:]}")
 
     with second_node(env, gcs, 2, {"slot": 1}) as node2:
-        proc = subprocess.Popen([sys.executable, "-c", SERVE_DRIVER, gcs, str(free_port())], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", SERVE_DRIVER, gcs, str(free_port())], env=env, cwd=REPO,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             ready = until(proc, lambda r: r["event"] == "ready")
