@@ -56,7 +56,7 @@ class Trackers:
 
     def __init__(self, out: Path, settings, config: dict, job: str):
         self.out, self.tb, self.mlflow, self.run_id, self.wandb = out, None, None, None, None
-        if settings is None:
+        if settings is None or not (settings.tensorboard or settings.mlflow or settings.wandb):
             return
         ids_path = out / IDS_FILE
         ids = json.loads(ids_path.read_text()) if ids_path.exists() else {}

@@ -5,7 +5,7 @@ GRPO: a private head (node 1, custom resource `trainer_node`) and a second rayle
 runs as a user runs it, `lmflow-ray ppo` with RAY_ADDRESS. The weights reach the two generation
 actors on node 2 over a gloo broadcast group with trainer rank 0 on node 1
 (`generation.weight_sync: collective`; the object-store path is the RAFT/PPO tests' default):
-while the run goes, nothing appears under OUT but metrics.jsonl.
+while the run goes, nothing appears under OUT but metrics.jsonl (and the console log).
 
 Node loss: a 2-worker finetune spread over two nodes (`scaling.placement_strategy: SPREAD`, one
 `slot` resource per node) whose second node is killed mid-run. Elastic (`scaling.num_workers:
@@ -69,7 +69,7 @@ def _run_and_check(repo, tmp_path, env, gcs):
     log.seek(0)
     text = log.read()
     assert proc.returncode == 0, text[-4000:]
-    assert seen <= {"metrics.jsonl"}, seen  # weights moved through Ray, not through OUT
+    assert seen <= {"metrics.jsonl", "logs/console.log"}, seen  # weights moved through Ray, not through OUT
 
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward_mean"] for r in rows]

@@ -62,9 +62,10 @@ def test_raft_raises_the_reward(raft_run):
     steps = [r["optimizer_step"] for r in rows]
     assert steps == sorted(steps) and steps[0] > 0 and len(set(steps)) == 4, steps
     assert rows[-1]["lr"] < rows[0]["lr"]  # cosine over all iterations, not restarted each one
-    # Weights went through Ray, not files: OUT holds only the run's outputs.
+    # Weights went through Ray, not files: OUT holds only the run's outputs (and the trackers' files).
     assert rows[0]["sync_transport"] == "ray-object-store" and rows[0]["sync_bytes"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "reward.png", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "reward.png", "run.json", "tensorboard",
+                                                      "tracking.json", "wandb"]
 
 
 def _check_sync(engine: str, base: str, trained: str, prompts=PROMPTS, params=GREEDY, push=None):
