@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/python -m pytest -x -q -n 2 --dist loadscope --durations=25 tests
+	$(BIN)/python -m pytest -x -q --durations=25 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -x -q -m "unit or ray" tests

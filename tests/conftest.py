@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,45 +25,16 @@ os.environ["LMFLOW_RAY_TEST_API_KEY"] = TEST_API_KEY
 E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster"}
 
 
-# Fixtures that reach Ray (the session cluster) without naming ray_session: the test is not a unit test.
-RAY_FIXTURES = {"ray_session", "reference_zero2"}
-
-
-# `make test` runs the suite on two xdist workers (`pytest -n 2 --dist loadscope`, scheduled by
-# module through the scheduler below): the modules with tests on the session's Ray cluster on one
-# worker ("session": one cluster, module fixtures built once), every other module on the other
-# ("side": unit tests, and the tests with Ray heads, nodes and servers of their own, which spend much
-# of their time waiting on them). The set is checked against the tests at collection.
-SESSION_MODULES = {"test_alignment", "test_batch_inference", "test_data_reader", "test_finetune", "test_iterative_dpo",
-                   "test_long_context", "test_lora_smollm2", "test_pipeline", "test_ppo", "test_raft", "test_serve",
-                   "test_vocab"}
-
-
-def pytest_xdist_make_scheduler(config, log):
-    from xdist.scheduler import LoadScopeScheduling
-
-    class TwoGroups(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-            return "session" if module in SESSION_MODULES else "side"
-
-    return TwoGroups(config, log)
-
-
 def pytest_collection_modifyitems(items):
     """Every test gets exactly one of unit / ray / e2e (`make test-fast` runs unit and ray)."""
     for item in items:
         if item.get_closest_marker("e2e") or E2E_FIXTURES & set(item.fixturenames):
             if not item.get_closest_marker("e2e"):
                 item.add_marker(pytest.mark.e2e)
-        elif RAY_FIXTURES & set(item.fixturenames):
+        elif "ray_session" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
         else:
             item.add_marker(pytest.mark.unit)
-    on_session = {item.module.__name__ for item in items if "ray_session" in item.fixturenames}
-    if on_session - SESSION_MODULES:
-        raise pytest.UsageError(f"tests/conftest.py: add {sorted(on_session - SESSION_MODULES)} to SESSION_MODULES "
-                                "(they use the session's Ray cluster)")
 
 
 @pytest.fixture(autouse=True)
@@ -267,28 +237,11 @@ def make_cfg(repo: Path, out: Path, data: str = SFT, **sets):
     return load_config(FinetuneConfig, None, [f"{k}={v}" for k, v in sets.items()], base=base)
 
 
-def run_root(tmp_path_factory) -> Path:
-    """A directory of this pytest run that every xdist worker sees (the base temp dir without xdist)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-
-
 @pytest.fixture(scope="session")
-def reference_zero2(request, repo, tmp_path_factory, tiny_llama):
-    """An uninterrupted 2-worker ZeRO-2 SFT run (16 steps), the baseline for resume and failure tests.
-
-    Computed once per pytest run, by whichever xdist worker needs it first (on its session cluster);
-    the other waits for it and reads the same directory."""
-    import fcntl
-
+def reference_zero2(ray_session, repo, tmp_path_factory, tiny_llama):
+    """An uninterrupted 2-worker ZeRO-2 SFT run (16 steps), the baseline for resume and failure tests."""
     from lmflow_ray.train.run import run_finetune
 
-    root = run_root(tmp_path_factory)
-    out = root / "reference_zero2"
-    with open(root / "reference_zero2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "run.json").is_file():
-            shutil.rmtree(out, ignore_errors=True)  # a half run of a worker that failed
-            request.getfixturevalue("ray_session")
-            run_finetune(make_cfg(repo, out))
+    out = tmp_path_factory.mktemp("ref") / "out"
+    run_finetune(make_cfg(repo, out))
     return out

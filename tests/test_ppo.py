@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from conftest import run_cli
@@ -103,8 +104,12 @@ def test_run_killed_mid_way_resumes_with_continuous_numbering(ray_session, repo,
     for key in ("pg_loss", "kl_loss", "clipfrac", "entropy", "gen_s", "score_s", "train_s", "sync_s", "sync_bytes",
                 "kl_coef", "truncated", "rows_unused"):
         assert key in rows[-1], key
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "model", "reward.png", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "logs", "metrics.jsonl", "model", "reward.png",
+                                                      "run.json"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["iter_004"]  # only the last is kept
+    # The console log of both runs (the killed one and the resumed one), appended; the consoles were quiet.
+    assert len(re.findall(r"^---- \d{4}-", (out / "logs" / "console.log").read_text(), re.M)) == 2
+    assert " pid=" not in done.stdout + done.stderr
     resumed_after = int(next(x for x in done.stdout.splitlines() if "resumed after iteration" in x).split()[4])
     assert resumed_after in (2, 3)
     assert rows[:resumed_after] == before[:resumed_after]  # the curve continues; nothing before is rewritten
