@@ -88,18 +88,32 @@ def _as_conversation(system: Any, messages: Any, tools: Any) -> dict:
     }
 
 
-def _rows(batch: dict[str, Any], dtype: str) -> list[dict]:
+def batch_rows(batch: dict[str, Any], dtype: str, for_training: bool = True) -> list[dict]:
+    """Normalised rows back from a Ray Data numpy batch (lists arrive as object arrays). A
+    multiple_choice row becomes its training form (input -> delimiter + the right choice) unless
+    `for_training` is False (then input, choices, answer)."""
     if dtype == "text_only":
         return [{"text": _as_str(t)} for t in batch["text"]]
     if dtype == "text2text":
         return [{"input": _as_str(i), "output": _as_str(o)} for i, o in zip(batch["input"], batch["output"])]
     if dtype == "multiple_choice":
-        return [{"input": _as_str(i), "output": CHOICE_DELIMITER + _as_str(list(c)[int(a)])}
+        rows = [{"input": _as_str(i), "choices": [_as_str(x) for x in c], "answer": int(a)}
                 for i, c, a in zip(batch["input"], batch["choices"], batch["answer"])]
+        return [{"input": r["input"], "output": CHOICE_DELIMITER + r["choices"][r["answer"]]} for r in rows] \
+            if for_training else rows
     n = len(batch["messages"])
     systems = batch.get("system", [None] * n)
     tools = batch.get("tools", [None] * n)
     return [_as_conversation(s, m, t) for s, m, t in zip(systems, batch["messages"], tools)]
+
+
+def tokenize_row(row: dict, dtype: str, tokenizer, template: str | None, max_length: int | None) -> Example:
+    """One normalised row (training form) as input_ids/labels, learned tokens as training learns them."""
+    if dtype == "text_only":
+        return tokenize_text(row, tokenizer, max_length)
+    if dtype in ("text2text", "multiple_choice"):
+        return tokenize_text2text(row, tokenizer, max_length)
+    return tokenize_conversation(row, tokenizer, template, max_length)
 
 
 def tokenize_batch(batch: dict[str, Any], dtype: str, tokenizer, template: str | None,
@@ -114,14 +128,8 @@ def tokenize_batch(batch: dict[str, Any], dtype: str, tokenizer, template: str |
             f"dataset type '{dtype}' cannot be tokenized for language-model training; "
             f"use one of {', '.join(TOKENIZABLE_TYPES)}"
         )
-    examples = []
-    for row in _rows(batch, dtype):
-        if dtype == "text_only":
-            examples.append(tokenize_text(row, tokenizer))
-        elif dtype in ("text2text", "multiple_choice"):
-            examples.append(tokenize_text2text(row, tokenizer, max_length))
-        else:
-            examples.append(tokenize_conversation(row, tokenizer, template, max_length))
+    cut = None if dtype == "text_only" else max_length
+    examples = [tokenize_row(row, dtype, tokenizer, template, cut) for row in batch_rows(batch, dtype)]
     return {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
 
 

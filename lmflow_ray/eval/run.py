@@ -34,8 +34,8 @@ SCORING_METRICS = ("nll", "ppl")
 METRICS = GENERATION_METRICS + SCORING_METRICS + ("accuracy",)
 
 
-def read_instances(data: str | Path, load: bool = True) -> tuple[str, list[dict], dict[str, str]]:
-    """(dataset type, raw instances (none unless `load`), {file: sha256}) of a validated eval dataset."""
+def read_instances(data: str | Path, load: bool = True) -> tuple[str, list[dict], list[Path]]:
+    """(dataset type, raw instances (none unless `load`), its files) of a validated eval dataset."""
     from lmflow_ray.data.source import dataset_type, iter_instances, validate
 
     summary = validate(data)
@@ -43,6 +43,11 @@ def read_instances(data: str | Path, load: bool = True) -> tuple[str, list[dict]
         raise UserError(f"{data}: eval reads conversation, text2text, text_only or multiple_choice data, "
                         f"not '{summary.type}'")
     dtype, files = dataset_type(data)
+    return dtype, [inst for f in files for _, _, inst in iter_instances(f)] if load else [], files
+
+
+def file_hashes(files: list[Path]) -> dict[str, str]:
+    """{file: sha256}, read in 1 MiB chunks."""
     hashes = {}
     for f in files:
         h = hashlib.sha256()
@@ -50,7 +55,7 @@ def read_instances(data: str | Path, load: bool = True) -> tuple[str, list[dict]
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         hashes[str(f)] = h.hexdigest()
-    return dtype, [inst for f in files for _, _, inst in iter_instances(f)] if load else [], hashes
+    return hashes
 
 
 def read_prompts(data: str | Path) -> tuple[str, list]:
@@ -64,10 +69,10 @@ def read_prompts(data: str | Path) -> tuple[str, list]:
 def model_identity(model: str) -> dict:
     """What was evaluated: the name given, the resolved dir, base and adapter for a LoRA adapter dir,
     and a fingerprint (sha256 of the config files' contents and every file's name and size)."""
-    from lmflow_ray.models.zoo import base_and_adapter, resolve_model
+    from lmflow_ray.models.zoo import base_and_adapter
 
-    path = resolve_model(str(model))
     base, adapter = base_and_adapter(str(model))
+    path = adapter or base
     h = hashlib.sha256()
     for d in [base] + ([adapter] if adapter else []):
         for f in sorted(p for p in Path(d).iterdir() if p.is_file()):
@@ -120,7 +125,7 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
         raise UserError(f"{out} already exists; pass another --out or remove it (eval never overwrites)")
     if workers < 0:
         raise UserError(f"--workers must be >= 0, got {workers}")
-    dtype, insts, hashes = read_instances(data, load=not workers)
+    dtype, insts, files = read_instances(data, load=not workers)
     if workers and (set(metrics) & set(GENERATION_METRICS) or ("accuracy" in metrics and dtype != "multiple_choice")):
         raise UserError("--workers N distributes nll, ppl and multiple-choice accuracy (the data scored by the model); "
                         "metrics of generated answers run in one process (answers for a large file: "
@@ -138,21 +143,20 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
     samples: list[dict] = [{} for _ in insts]
     report: dict = {}
     counts: dict = {}
-    result = {"model": str(model), "identity": model_identity(model), "data": str(data), "data_sha256": hashes,
+    result = {"model": str(model), "identity": model_identity(model), "data": str(data), "data_sha256": file_hashes(files),
               "type": dtype, "instances": len(insts)}
 
     generate = set(metrics) & set(GENERATION_METRICS) or ("accuracy" in metrics and dtype != "multiple_choice")
     if generate:
         prompts = [prompt_of(dtype, i) for i in insts]
-        responses, texts, gen_model = _generate(model, dtype, prompts, metrics, reward, engine, params, template,
-                                                batch_size, report, result)
+        responses, texts, rewards, gen_model = _generate(model, dtype, prompts, metrics, reward, engine, params,
+                                                         template, batch_size, report, result)
         for smp, t, r in zip(samples, texts, responses):
             smp.update(input=t, output=r)
-        if "reward" in report and isinstance(report["reward"], list):
-            for smp, rw in zip(samples, report["reward"]):
+        if rewards is not None:
+            for smp, rw in zip(samples, rewards):
                 smp["reward"] = rw
-            counts["reward"] = len(report["reward"])
-            report["reward"] = sum(report["reward"]) / len(report["reward"])
+            report["reward"], counts["reward"] = sum(rewards) / len(rewards), len(rewards)
         if "accuracy" in metrics:
             refs = [scoring.reference_of(dtype, i) for i in insts]
             hits = [r is not None and scoring.normalize_answer(a) == scoring.normalize_answer(r)
@@ -212,8 +216,8 @@ def evaluate(model: str, data: str, metrics: list[str], out: str | Path, reward:
 
 
 def _generate(model, dtype, prompts, metrics, reward, engine, params, template, batch_size, report, result):
-    """Answers to every prompt, and the metrics of answers. Returns (responses, prompt texts, (model, tokenizer)
-    when the HF engine's model can score the dataset afterwards, else None)."""
+    """Answers to every prompt, and the metrics of answers (into `report`). Returns (responses, prompt texts,
+    per-answer rewards or None, (model, tokenizer) when the HF engine's model can score the dataset afterwards)."""
     from lmflow_ray.eval.metrics import diversity
     from lmflow_ray.inference import SamplingParams, make_engine
 
@@ -233,8 +237,7 @@ def _generate(model, dtype, prompts, metrics, reward, engine, params, template, 
         responses += [g[0].text for g in eng.generate(texts[i:i + batch_size], params, add_special_tokens=not chat)]
         print(f"[lmflow-ray] eval: generated {len(responses)}/{len(texts)} ({time.time() - t0:.0f} s)", file=sys.stderr,
               flush=True)
-    if scorer and "reward" in metrics:
-        report["reward"] = scorer.score(prompts, responses)  # per sample here; evaluate() averages
+    rewards = scorer.score(prompts, responses) if scorer and "reward" in metrics else None
     hf = (eng.model, eng.tokenizer) if engine == "hf" else None
     if "response_ppl" in metrics:
         if hf is None:
@@ -253,7 +256,7 @@ def _generate(model, dtype, prompts, metrics, reward, engine, params, template, 
     result.update(engine=engine, reward_source=reward,
                   sampling={"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
                             "seed": params.seed})
-    return responses, texts, hf
+    return responses, texts, rewards, hf
 
 
 def summary_line(result: dict, path: str | os.PathLike) -> str:

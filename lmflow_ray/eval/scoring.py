@@ -43,15 +43,13 @@ def dataset_nll(model, tokenizer, dtype: str, rows: list[dict], template: str | 
     import torch
 
     from lmflow_ray.data.collate import collate
-    from lmflow_ray.data.tokenize import tokenize_conversation, tokenize_text, tokenize_text2text
+    from lmflow_ray.data.tokenize import tokenize_row
     from lmflow_ray.models.scoring import token_logps
 
     out: list[tuple[float, int]] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for chunk in _batches(rows, batch_size):
-        examples = [tokenize_text(r, tokenizer, max_length) if dtype == "text_only"
-                    else tokenize_text2text(r, tokenizer, max_length) if dtype == "text2text"
-                    else tokenize_conversation(r, tokenizer, template, max_length) for r in chunk]
+        examples = [tokenize_row(r, dtype, tokenizer, template, max_length) for r in chunk]
         batch = collate({"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}, pad)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"].to(model.device),
@@ -114,24 +112,6 @@ def multiple_choice_accuracy(rows: list[dict], logliks: list[list[float]]) -> tu
     return {"acc": acc / n, "acc_norm": acc_norm / n}, samples
 
 
-def _numpy_rows(batch: dict, dtype: str) -> list[dict]:
-    """Normalised rows back from a Ray Data numpy batch (lists arrive as object arrays)."""
-    def s(v):
-        return "" if v is None else str(v)
-
-    n = len(next(iter(batch.values())))
-    if dtype == "multiple_choice":
-        return [{"input": s(batch["input"][i]), "choices": [s(c) for c in batch["choices"][i]],
-                 "answer": int(batch["answer"][i])} for i in range(n)]
-    if dtype == "text2text":
-        return [{"input": s(batch["input"][i]), "output": s(batch["output"][i])} for i in range(n)]
-    if dtype == "text_only":
-        return [{"text": s(batch["text"][i])} for i in range(n)]
-    return [{"system": s(batch["system"][i]) if "system" in batch else "",
-             "messages": [{"role": s(m["role"]), "content": s(m["content"])} for m in batch["messages"][i]],
-             "tools": s(batch["tools"][i]) if "tools" in batch else ""} for i in range(n)]
-
-
 class ScoreWorker:
     """A Ray Data actor for `eval --workers N`: loads the model once, scores many batches of rows."""
 
@@ -144,7 +124,9 @@ class ScoreWorker:
     def __call__(self, batch: dict) -> dict:
         import json
 
-        rows = _numpy_rows(batch, self.dtype)
+        from lmflow_ray.data.tokenize import batch_rows
+
+        rows = batch_rows(batch, self.dtype, for_training=False)
         if self.dtype == "multiple_choice":
             lls = choice_loglikelihoods(self.lm, self.tok, rows, self.batch_size)
             return {"row": [json.dumps(r) for r in rows], "loglikelihoods": [json.dumps(x) for x in lls]}
