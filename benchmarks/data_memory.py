@@ -7,7 +7,9 @@ every peak RSS (`ru_maxrss`) belongs to that step alone:
 - `idle`: the interpreter with the data modules imported (the floor under every figure);
 - `json_load`: `json.load` of the whole `.json` file (the naive baseline);
 - `validate_json`, `validate_jsonl`: `lmflow_ray.data.source.validate`;
-- `read_json`, `read_jsonl`: `read_dataset`, then `ds.count()` and a pass over every
+- `parquet_load`: `pyarrow.parquet.read_table` of the whole Parquet file (the columnar baseline);
+- `validate_parquet`: `validate` on the same rows as Parquet (row groups of 100,000 rows);
+- `read_json`, `read_jsonl`, `read_parquet`: `read_dataset`, then `ds.count()` and a pass over every
   batch summing text lengths; the driver's peak and the Ray workers' peak RSS (sampled
   with psutil; the workers are descendants of the driver, which started the local Ray),
   as RSS and as private memory (RSS less shared pages: the object store is shared memory).
@@ -32,7 +34,9 @@ from pathlib import Path
 
 WORDS = ("the king sees a green tree by the sea our neighbor feeds old clock on hill child paints river "
          "farmer finds red ball garden dog follows tall house market sister brother cat sleeps").split()
-STEPS = ("idle", "json_load", "validate_json", "validate_jsonl", "read_json", "read_jsonl")
+STEPS = ("idle", "json_load", "validate_json", "validate_jsonl", "read_json", "read_jsonl",
+         "parquet_load", "validate_parquet", "read_parquet")
+PARQUET_ROW_GROUP = 100_000
 
 
 def texts(n: int, seed: int = 0):
@@ -53,6 +57,25 @@ def write_text_only(folder: Path, n: int) -> tuple[Path, Path]:
             fl.write(line + "\n")
         fj.write("]}\n")
     return json_path, jsonl_path
+
+
+def write_parquet(folder: Path, n: int) -> Path:
+    """The same n instances as a Parquet file with a `text` column, written in row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = folder / "data.parquet"
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(path, schema) as writer:
+        chunk: list[str] = []
+        for text in texts(n):
+            chunk.append(text)
+            if len(chunk) == PARQUET_ROW_GROUP:
+                writer.write_table(pa.table({"text": chunk}, schema=schema))
+                chunk = []
+        if chunk:
+            writer.write_table(pa.table({"text": chunk}, schema=schema))
+    return path
 
 
 def _peak_mb(who=resource.RUSAGE_SELF) -> float:
@@ -156,6 +179,10 @@ def run_step(step: str, path: Path) -> dict:
     elif step == "json_load":
         with open(path) as f:
             out = {"instances": len(json.load(f)["instances"])}
+    elif step == "parquet_load":
+        import pyarrow.parquet as pq
+
+        out = {"instances": pq.read_table(path).num_rows}
     elif step.startswith("validate"):
         out = {"instances": validate(path, "text_only" if path.suffix == ".jsonl" else None).instances}
     else:
@@ -181,13 +208,23 @@ def run(instances: int, steps: tuple[str, ...]) -> dict:
         start = time.perf_counter()
         json_path, jsonl_path = write_text_only(Path(tmp), instances)
         report: dict = {"instances": instances, "json_mb": round(json_path.stat().st_size / 2**20, 1),
-                        "jsonl_mb": round(jsonl_path.stat().st_size / 2**20, 1),
-                        "generate_seconds": round(time.perf_counter() - start, 2)}
+                        "jsonl_mb": round(jsonl_path.stat().st_size / 2**20, 1)}
+        if any("parquet" in s for s in steps):
+            # In a child: Linux keeps a process's peak RSS across exec, so pyarrow imported here
+            # would raise the floor of every step measured after it.
+            subprocess.run([sys.executable, __file__, "--write-parquet", tmp, str(instances)], check=True)
+            parquet_path = Path(tmp) / "data.parquet"
+            report["parquet_mb"] = round(parquet_path.stat().st_size / 2**20, 1)
+        report["generate_seconds"] = round(time.perf_counter() - start, 2)
         for step in steps:
-            report[step] = measure(step, jsonl_path if step.endswith("jsonl") else json_path)
+            report[step] = measure(step, parquet_path if "parquet" in step else
+                                   jsonl_path if step.endswith("jsonl") else json_path)
     if "validate_json" in report and "json_load" in report:
         report["validate_over_json_load_peak"] = round(
             report["validate_json"]["peak_rss_mb"] / report["json_load"]["peak_rss_mb"], 3)
+    if "validate_parquet" in report and "parquet_load" in report:
+        report["validate_over_parquet_load_peak"] = round(
+            report["validate_parquet"]["peak_rss_mb"] / report["parquet_load"]["peak_rss_mb"], 3)
     return report
 
 
@@ -196,7 +233,11 @@ def main() -> None:
     p.add_argument("--instances", type=int, default=1_000_000)
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     p.add_argument("--child", nargs=2, metavar=("STEP", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--write-parquet", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.write_parquet:
+        write_parquet(Path(args.write_parquet[0]), int(args.write_parquet[1]))
+        return
     if args.child:
         print(json.dumps(run_step(args.child[0], Path(args.child[1]))))
         return

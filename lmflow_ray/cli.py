@@ -16,10 +16,35 @@ from lmflow_ray.errors import UserError
 JOB_KINDS = ("finetune", "reward-model", "dpo", "raft", "ppo", "iterative-dpo", "eval", "infer", "pipeline")
 
 
+def data_spec(args):
+    """The dataset named on the command line: path, --type, --format, --columns, --roles."""
+    from lmflow_ray.data.shapes import FORMATS
+    from lmflow_ray.data.source import DataSpec
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format {args.format}: unknown; use one of {', '.join(FORMATS)}")
+    return DataSpec(path=args.path, type=args.type, format=args.format,
+                    columns=_pairs("--columns", args.columns, "prompt=question"),
+                    roles=_pairs("--roles", args.roles, "bot=assistant"))
+
+
+def _pairs(flag: str, items: list[str], example: str) -> dict[str, str]:
+    out = {}
+    for item in ",".join(items).split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise UserError(f"{flag} {item}: expected NAME=VALUE pairs, e.g. {flag} {example}")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def cmd_data_validate(args) -> int:
     from lmflow_ray.data.source import validate
 
-    s = validate(args.path, args.type)
+    spec = data_spec(args)
+    s = validate(spec)
     print(f"type: {s.type}")
     print(f"instances: {s.instances}")
     print(f"files: {len(s.files)}")
@@ -33,8 +58,16 @@ def cmd_data_validate(args) -> int:
 def cmd_data_stats(args) -> int:
     from lmflow_ray.data.stats import token_length_stats
 
-    stats = token_length_stats(args.path, args.model, dtype=args.type, template=args.template)
+    stats = token_length_stats(data_spec(args), args.model, template=args.template)
     print(json.dumps(stats, indent=2))
+    return 0
+
+
+def cmd_data_convert(args) -> int:
+    from lmflow_ray.data.convert import convert
+
+    summary = convert(data_spec(args), args.out, to=args.to)
+    print(f"wrote {args.out}: {summary.instances} {summary.type} instances")
     return 0
 
 
@@ -212,17 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmflow-ray", description="Adapt foundation models end to end on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="validate and inspect LMFlow datasets").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="validate, inspect and convert datasets").add_subparsers(dest="data_cmd",
+                                                                                                required=True)
+
+    def data_args(parser):
+        parser.add_argument("path", help="a file or directory: LMFlow .json/.jsonl, OpenAI-chat / ShareGPT / Alpaca / "
+                                         "preference rows in .jsonl, .json arrays, Parquet, Arrow, save_to_disk dirs")
+        parser.add_argument("--type", help="the LMFlow type (inferred from the file or its rows when omitted)")
+        parser.add_argument("--format", default="auto",
+                            help="row shape: auto (default), lmflow, hf, openai, sharegpt, alpaca, preference")
+        parser.add_argument("--columns", action="append", default=[], metavar="FIELD=COLUMN",
+                            help="read FIELD from your COLUMN, e.g. --columns prompt=question,chosen=good")
+        parser.add_argument("--roles", action="append", default=[], metavar="TAG=ROLE",
+                            help="extra ShareGPT speaker tags, e.g. --roles bot=assistant")
+
     v = data.add_parser("validate", help="check a dataset file or directory")
-    v.add_argument("path")
-    v.add_argument("--type", help="dataset type for .jsonl files of bare instances")
+    data_args(v)
     v.set_defaults(func=cmd_data_validate)
     s = data.add_parser("stats", help="token-length percentiles after templating")
-    s.add_argument("path")
+    data_args(s)
     s.add_argument("--model", required=True, help="zoo name or model directory (its tokenizer is used)")
-    s.add_argument("--type")
     s.add_argument("--template", help="conversation template (default: the tokenizer's own)")
     s.set_defaults(func=cmd_data_stats)
+    c = data.add_parser("convert", help="write a dataset in any supported shape as one LMFlow .json file")
+    data_args(c)
+    c.add_argument("--to", default="lmflow", choices=["lmflow"], help="the output format")
+    c.add_argument("--out", required=True, help="the LMFlow .json file to write (never overwritten)")
+    c.set_defaults(func=cmd_data_convert)
 
     models = sub.add_parser("models", help="the model zoo").add_subparsers(dest="models_cmd", required=True)
     models.add_parser("list", help="zoo models and where they are cached").set_defaults(func=cmd_models_list)

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Row shapes a dataset may hold (data/shapes.py maps each onto an LMFlow type).
+DATA_FORMATS = ("auto", "lmflow", "hf", "openai", "sharegpt", "alpaca", "preference")
 TEMPLATE_NAMES = (
     "chatml", "llama3", "llama2", "qwen2", "phi3", "zephyr", "gemma", "deepseek",
     "empty", "empty_no_special_tokens",
@@ -58,9 +60,20 @@ Probability = Annotated[float, Field(gt=0, le=1)]  # (0, 1]
 class DataConfig(Strict):
     """Where the training data lives and how it becomes token blocks."""
 
-    path: str
-    # Declared type; required for .jsonl files of bare instances, checked against .json files.
+    # A file or directory: LMFlow .json/.jsonl, OpenAI-chat / ShareGPT / Alpaca / preference rows in
+    # .jsonl / .json arrays / Parquet / Arrow, or a datasets.save_to_disk directory.
+    path: str | None = None
+    # Or a Hugging Face Hub dataset name (needs the Hub reachable) and its split.
+    hf: str | None = None
+    split: str = "train"
+    # Declared type; inferred from the file or its rows when omitted, checked against LMFlow .json files.
     type: str | None = None
+    # Row shape: auto (detected from the first row), lmflow, hf, openai, sharegpt, alpaca, preference.
+    format: str = "auto"
+    # The shape's field names -> your column names, e.g. {prompt: question, chosen: good, rejected: bad}.
+    columns: dict[str, str] = {}
+    # Extra ShareGPT speaker tags -> roles (user, assistant, system, tool), e.g. {bot: assistant}.
+    roles: dict[str, str] = {}
     # Conversation template name; None uses the tokenizer's own chat_template.
     template: str | None = None
     # Longest sequence (and block size when packing).
@@ -84,10 +97,31 @@ class DataConfig(Strict):
             raise ValueError(f"unknown template '{v}'; known: {', '.join(TEMPLATE_NAMES)} (or omit it)")
         return v
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in DATA_FORMATS:
+            raise ValueError(f"unknown format '{v}'; use one of {', '.join(DATA_FORMATS)}")
+        return v
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {tag: role for tag, role in v.items() if role not in ("user", "assistant", "system", "tool")}
+        if bad:
+            raise ValueError(f"maps {bad}; a speaker tag maps to one of user, assistant, system, tool")
+        return v
+
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if bool(self.path) == bool(self.hf):
+            raise ValueError("give exactly one of data.path (a file or directory) and data.hf (a Hub dataset name)")
+        return self
 
 
 class JobConfig(Strict):

@@ -21,6 +21,7 @@ from conftest import REPO
 from lmflow_ray.data import reader
 from lmflow_ray.data.formats import normalize
 from lmflow_ray.data.reader import read_dataset
+from lmflow_ray.data.source import resolve
 from lmflow_ray.data.tokenize import IGNORE_INDEX
 from lmflow_ray.train.data import _tokenize
 
@@ -145,7 +146,7 @@ def test_large_jsonl_read_in_several_ranges(ray_session, tmp_path, monkeypatch):
     monkeypatch.setattr(reader, "JSONL_SPLIT_BYTES", 2_000)
     path = tmp_path / "big.jsonl"
     texts = jsonl_with_awkward_lines(path, 400)
-    tasks = reader._make_read_tasks([path], "text_only", reader.ROWS_PER_BLOCK)
+    tasks = reader._make_read_tasks(resolve(path, "text_only"), reader.ROWS_PER_BLOCK)
     assert len(tasks) == -(-path.stat().st_size // 2_000) > 10
     ds, _ = read_dataset(path, "text_only")
     assert sorted(ds.to_pandas()["text"]) == sorted(texts)

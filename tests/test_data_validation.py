@@ -37,14 +37,21 @@ VALID = {
 }
 
 
+def with_image(path: Path) -> Path:
+    """VALID's image_text instance names img/cat.png beside its file: validation checks it is there."""
+    (path.parent / "img").mkdir(exist_ok=True)
+    (path.parent / "img" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return path
+
+
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj, indent=1))
-    return path
+    return with_image(path)
 
 
 def write_jsonl(path: Path, instances: list) -> Path:
     path.write_text("".join(json.dumps(i) + "\n" for i in instances))
-    return path
+    return with_image(path)
 
 
 def dataset(tmp_path: Path, dtype: str, instances: list, name: str = "data.json") -> Path:
@@ -116,8 +123,15 @@ def test_instances_not_an_array(tmp_path, value):
 
 
 def test_top_level_not_an_object(tmp_path):
-    path = write_json(tmp_path / "d.json", [{"text": "a"}])
+    path = write_json(tmp_path / "d.json", "a string")
     assert error_of(path).message.startswith(f"{path}: top level must be an object")
+
+
+def test_top_level_array_is_read_as_rows(tmp_path):
+    # Alpaca and ShareGPT releases are JSON arrays of rows; LMFlow-shaped rows get their type from their fields.
+    path = write_json(tmp_path / "d.json", [{"text": "a"}, {"text": "b"}])
+    summary = validate(path)
+    assert (summary.type, summary.instances) == ("text_only", 2)
 
 
 def test_non_utf8_json(tmp_path):
@@ -133,10 +147,11 @@ def test_non_utf8_jsonl(tmp_path):
     assert error_of(path, "text_only").message.startswith(f"{path}:2:14: not valid UTF-8")
 
 
-def test_jsonl_without_configured_type(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+def test_jsonl_type_from_fields_or_named_when_unclear(tmp_path):
+    assert validate(write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])).type == "text_only"
+    path = write_jsonl(tmp_path / "e.jsonl", [{"question": "a", "answer": "b"}])
     msg = error_of(path).message
-    assert msg.startswith(f"{path}: .jsonl files hold bare instances") and "--type" in msg
+    assert msg.startswith(f"{path}: cannot tell the dataset type from the fields (answer, question)") and "--type" in msg
 
 
 def test_jsonl_bad_line_names_line_and_column(tmp_path):
@@ -178,7 +193,7 @@ def test_unsupported_suffix(tmp_path):
 
 def test_directory_without_dataset_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    assert "holds no .json or .jsonl files" in error_of(tmp_path).message
+    assert "holds no dataset files (.json, .jsonl, .parquet, .arrow)" in error_of(tmp_path).message
 
 
 # ----------------------------------------------------------------------------- instance-level errors
@@ -337,10 +352,10 @@ def test_cli_validate_user_mistakes_exit_2(args, cli):
     assert_clean_user_error(cli("data", "validate", *args))
 
 
-def test_cli_validate_jsonl_needs_type(tmp_path, cli):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+def test_cli_validate_jsonl_needs_type_when_fields_are_unclear(tmp_path, cli):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "a"}])
     assert "--type" in assert_clean_user_error(cli("data", "validate", str(path)))[0]
-    ok = cli("data", "validate", str(path), "--type", "text_only")
+    ok = cli("data", "validate", str(path), "--type", "text_only", "--columns", "text=body")
     assert ok.returncode == 0 and "instances: 1" in ok.stdout
 
 

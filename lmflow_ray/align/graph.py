@@ -33,6 +33,7 @@ from pathlib import Path
 from lmflow_ray import console
 from lmflow_ray.align.actors import weights_id
 from lmflow_ray.config import align_job_kind
+from lmflow_ray.data.source import as_spec
 from lmflow_ray.errors import RunInterrupted, UserError
 from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.outputs import check_output_dir
@@ -72,10 +73,10 @@ class Graph:
             self.checkpoint_dir = last_run_checkpoint(out).resolve()
         check_output_dir(out, cfg.resume_from)
         RewardScorer.check(cfg.reward)  # a bad reward spec fails here, before any actor starts
-        _, self.all_prompts = read_prompts(cfg.data.path)
+        _, self.all_prompts = read_prompts(as_spec(cfg.data))
         empty = next((i for i, p in enumerate(self.all_prompts) if not p), None)
         if empty is not None:
-            raise UserError(f"{cfg.data.path}: instance {empty} has an empty prompt; remove it or give it text")
+            raise UserError(f"{as_spec(cfg.data)}: instance {empty} has an empty prompt; remove it or give it text")
         self.cfg, self.out = cfg, out
         self.base = str(resolve_model(cfg.model))
         if is_adapter(self.base):
@@ -234,7 +235,7 @@ class Graph:
         return {"job": self.job, "model": self.base, "trainers": sorted(self.trainers),
                 "scaling.num_workers": c.scaling.num_workers,
                 "deepspeed": c.deepspeed, "lora.enabled": c.lora.enabled, "lora.r": c.lora.r,
-                "data.path": str(Path(c.data.path).resolve())}
+                "data.path": str(Path(c.data.path).resolve()) if c.data.path else str(as_spec(c.data))}
 
     def failed(self, err: BaseException, it: int) -> BaseException:
         """Release everything; what to raise for `err`, which ended iteration `it`: a trainer process

@@ -347,8 +347,7 @@ def trainer_setup(cfg, model_path: str, total_steps: int, task: str, settings: d
     from lmflow_ray.train.deepspeed_config import fill_deepspeed, resolve_deepspeed
     from lmflow_ray.train.tasks import TASKS
 
-    raw = {"model": model_path, "data": {"path": cfg.data.path, "max_length": cfg.data.max_length,
-                                         "template": cfg.data.template},
+    raw = {"model": model_path, "data": cfg.data.model_dump(include={"path", "hf", "split", "max_length", "template"}),
            "output_dir": cfg.output_dir, "seed": cfg.seed, "train": cfg.train.model_dump(), "lora": cfg.lora.model_dump(),
            "scaling": cfg.scaling.model_dump(), "deepspeed": cfg.deepspeed}
     raw.update(replace)

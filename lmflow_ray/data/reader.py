@@ -1,10 +1,12 @@
-"""Reading LMFlow datasets into Ray Data.
+"""Reading datasets into Ray Data.
 
-`read_dataset` returns a `ray.data.Dataset` of normalised rows (one fixed Arrow schema
-per type, see formats.py). The work happens in Ray read tasks, never in the driver:
-each task streams its file with ijson and yields blocks of `rows_per_block` rows, so a
-multi-GB file is held one block at a time. Large `.jsonl` files are also split into
-byte ranges so several tasks read one file in parallel.
+`read_dataset` returns a `ray.data.Dataset` of normalised LMFlow rows (one fixed Arrow schema
+per type, see formats.py), whatever shape the files hold (source.py / shapes.py). The work
+happens in Ray read tasks, never in the driver: each task streams its file (ijson, Parquet /
+Arrow record batches), maps each row onto an LMFlow instance and yields blocks of
+`rows_per_block` rows, so a multi-GB file is held one block at a time. Large `.jsonl` files are
+split into byte ranges and large Parquet files into row-group ranges, so several tasks read one
+file in parallel.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 from pathlib import Path
 
 from lmflow_ray.data.formats import arrow_schema, check_instance, normalize
-from lmflow_ray.data.source import DataError, dataset_type, iter_instances
+from lmflow_ray.data.source import DataError, DataSource, resolve
 
 ROWS_PER_BLOCK = 20_000
 JSONL_SPLIT_BYTES = 64 << 20
@@ -25,11 +27,12 @@ def _rows_to_table(rows: list[dict], schema):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _blocks(instances, dtype: str, where: str, rows_per_block: int, for_prompt: bool = False):
+def _blocks(instances, dtype: str, where: str, rows_per_block: int, for_prompt: bool = False,
+            source: DataSource | None = None):
     schema = arrow_schema(dtype)
     rows: list[dict] = []
     for index, lineno, inst in instances:
-        problems = check_instance(dtype, inst)
+        inst, problems = source.instance(inst) if source else (inst, check_instance(dtype, inst))
         if problems:
             loc = f"{where}:{lineno}" if lineno else where
             raise DataError(f"{loc}: instance {index}: {problems[0]}")
@@ -59,30 +62,57 @@ def _jsonl_range(path: Path, start: int, end: int):
                 index += 1
 
 
-def _make_read_tasks(files: list[Path], dtype: str, rows_per_block: int, for_prompt: bool = False):
+def _make_read_tasks(src: DataSource, rows_per_block: int, for_prompt: bool = False):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import ReadTask
 
     tasks = []
+    dtype = src.type
     schema = arrow_schema(dtype)
-    for f in files:
+
+    def task(f, rows, where):
+        meta = BlockMetadata(num_rows=None, size_bytes=f.stat().st_size, input_files=[str(f)], exec_stats=None)
+        return ReadTask(lambda: _blocks(rows(), dtype, where, rows_per_block, for_prompt, src), meta, schema=schema)
+
+    for f in src.files:
         size = f.stat().st_size
-        meta = BlockMetadata(num_rows=None, size_bytes=size, input_files=[str(f)], exec_stats=None)
         if f.suffix == ".jsonl" and size > JSONL_SPLIT_BYTES:
             for start in range(0, size, JSONL_SPLIT_BYTES):
                 end = min(size, start + JSONL_SPLIT_BYTES)
-
-                def read(f=f, start=start, end=end):
-                    yield from _blocks(_jsonl_range(f, start, end), dtype, f"{f}@{start}", rows_per_block, for_prompt)
-
-                tasks.append(ReadTask(read, meta, schema=schema))
+                tasks.append(task(f, lambda f=f, start=start, end=end: _renamed(src, _jsonl_range(f, start, end)),
+                                  f"{f}@{start}"))
+        elif f.suffix == ".parquet" and size > JSONL_SPLIT_BYTES:
+            for groups, first_row in _row_group_ranges(f, JSONL_SPLIT_BYTES):
+                tasks.append(task(f, lambda f=f, groups=groups, first_row=first_row: src.rows(f, groups, first_row),
+                                  str(f)))
         else:
-
-            def read(f=f):
-                yield from _blocks(iter_instances(f), dtype, str(f), rows_per_block, for_prompt)
-
-            tasks.append(ReadTask(read, meta, schema=schema))
+            tasks.append(task(f, lambda f=f: src.rows(f), str(f)))
     return tasks
+
+
+def _renamed(src: DataSource, rows):
+    from lmflow_ray.data.source import rename_columns
+
+    for index, lineno, row in rows:
+        yield index, lineno, rename_columns(row, src.spec.columns) if src.spec.columns else row
+
+
+def _row_group_ranges(path: Path, max_bytes: int):
+    """([row groups], index of their first row) ranges of about `max_bytes` of a Parquet file."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    ranges, groups, size, first, row = [], [], 0, 0, 0
+    for g in range(meta.num_row_groups):
+        if groups and size + meta.row_group(g).total_byte_size > max_bytes:
+            ranges.append((groups, first))
+            groups, size, first = [], 0, row
+        groups.append(g)
+        size += meta.row_group(g).total_byte_size
+        row += meta.row_group(g).num_rows
+    if groups:
+        ranges.append((groups, first))
+    return ranges
 
 
 def _datasource_class():
@@ -91,27 +121,28 @@ def _datasource_class():
     class LMFlowDatasource(Datasource):
         """Ray Data source for LMFlow JSON/JSONL datasets (streaming, bounded memory)."""
 
-        def __init__(self, files: list[Path], dtype: str, rows_per_block: int, for_prompt: bool = False):
+        def __init__(self, src: DataSource, rows_per_block: int, for_prompt: bool = False):
             super().__init__()
-            self.files, self.dtype, self.rows_per_block, self.for_prompt = files, dtype, rows_per_block, for_prompt
+            self.src, self.rows_per_block, self.for_prompt = src, rows_per_block, for_prompt
 
         def estimate_inmemory_data_size(self):
-            return sum(f.stat().st_size for f in self.files)
+            return sum(f.stat().st_size for f in self.src.files)
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            return _make_read_tasks(self.files, self.dtype, self.rows_per_block, self.for_prompt)
+            return _make_read_tasks(self.src, self.rows_per_block, self.for_prompt)
 
         def get_name(self):
-            return "LMFlowJSON"
+            return "LMFlowData"
 
     return LMFlowDatasource
 
 
-def read_dataset(path: str | Path, dtype: str | None = None, rows_per_block: int = ROWS_PER_BLOCK,
+def read_dataset(path, dtype: str | None = None, rows_per_block: int = ROWS_PER_BLOCK,
                  for_prompt: bool = False):
-    """(Ray Dataset of normalised rows, dataset type); `for_prompt`: conversation rows end at their last user turn."""
+    """(Ray Dataset of normalised rows, dataset type) of `path` (a path or a DataSpec);
+    `for_prompt`: conversation rows end at their last user turn."""
     import ray.data
 
-    dtype, files = dataset_type(path, dtype)
-    source = _datasource_class()(files, dtype, rows_per_block, for_prompt)
-    return ray.data.read_datasource(source), dtype
+    src = resolve(path, dtype)
+    source = _datasource_class()(src, rows_per_block, for_prompt)
+    return ray.data.read_datasource(source), src.type

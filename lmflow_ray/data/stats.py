@@ -42,14 +42,14 @@ def _collect(ds):
     return np.concatenate(lengths), np.concatenate(learned)
 
 
-def check_first_row(path: Path, dtype: str, tokenizer_path: str, template: str | None) -> None:
+def check_first_row(data, dtype: str, tokenizer_path: str, template: str | None) -> None:
     """Tokenize the first instance in the driver, so a user mistake (an unknown template, a
     tokenizer without a chat template) is raised here as one clear UserError: from a Ray
     task it would come back as a UserCodeException that no longer carries the original."""
     from lmflow_ray.data.formats import normalize
-    from lmflow_ray.data.source import iter_instances
+    from lmflow_ray.data.source import resolve
 
-    _, _, first = next(iter_instances(path))
+    first = next(resolve(data, dtype).instances())
     row = normalize(dtype, first)
     _row_lengths({key: [value] for key, value in row.items()}, dtype, tokenizer_path, template)
 
@@ -86,7 +86,7 @@ def token_length_stats(path: str | Path, model: str, dtype: str | None = None, t
             f"not '{summary.type}'; pass a dataset of one of those types"
         )
     tokenizer_path = str(resolve_model(model))
-    check_first_row(Path(summary.files[0].path), summary.type, tokenizer_path, template)
+    check_first_row(path, summary.type, tokenizer_path, template)
     init_ray()
     ds, dtype = read_dataset(path, summary.type)
     ds = ds.map_batches(_row_lengths, fn_args=(dtype, tokenizer_path, template), batch_format="numpy",

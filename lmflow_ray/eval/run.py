@@ -36,14 +36,14 @@ METRICS = GENERATION_METRICS + SCORING_METRICS + ("accuracy",)
 
 def read_instances(data: str | Path, load: bool = True) -> tuple[str, list[dict], list[Path]]:
     """(dataset type, raw instances (none unless `load`), its files) of a validated eval dataset."""
-    from lmflow_ray.data.source import dataset_type, iter_instances, validate
+    from lmflow_ray.data.source import resolve, validate
 
     summary = validate(data)
     if summary.type not in ("conversation", "text2text", "text_only", "multiple_choice"):
         raise UserError(f"{data}: eval reads conversation, text2text, text_only or multiple_choice data, "
                         f"not '{summary.type}'")
-    dtype, files = dataset_type(data)
-    return dtype, [inst for f in files for _, _, inst in iter_instances(f)] if load else [], files
+    src = resolve(data)
+    return src.type, list(src.instances()) if load else [], src.files
 
 
 def file_hashes(files: list[Path]) -> dict[str, str]:

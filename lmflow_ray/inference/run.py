@@ -28,13 +28,12 @@ PROMPT_TYPES = ("text2text", "conversation", "text_only")
 def iter_prompts(data: str | Path, engine: Engine) -> Iterator[str]:
     """The prompt text of each instance of a validated dataset, in file order."""
     from lmflow_ray.data.formats import prompt_of
-    from lmflow_ray.data.source import dataset_type, iter_instances
+    from lmflow_ray.data.source import resolve
 
-    dtype, files = dataset_type(data)
-    for f in files:
-        for _, _, inst in iter_instances(f):
-            prompt = prompt_of(dtype, inst)
-            yield engine.chat_prompt(prompt) if isinstance(prompt, list) else prompt
+    src = resolve(data)
+    for inst in src.instances():
+        prompt = prompt_of(src.type, inst)
+        yield engine.chat_prompt(prompt) if isinstance(prompt, list) else prompt
 
 
 def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:

@@ -104,7 +104,7 @@ def check_resume_kind(resume_from: str, checkpoint: str, kind: str) -> None:
 
 def preflight(cfg: FinetuneConfig) -> dict:
     """All config-time checks; returns what the run needs (paths, DeepSpeed config)."""
-    from lmflow_ray.data.source import validate
+    from lmflow_ray.data.source import as_spec, validate
     from lmflow_ray.models.zoo import resolve_model
 
     if cfg.lora.qlora and not cfg.scaling.use_gpu:
@@ -145,11 +145,11 @@ def preflight(cfg: FinetuneConfig) -> dict:
             check_target_modules(skeleton, cfg.lora.target_modules)
         else:
             decoder_layers(skeleton)
-    summary = validate(cfg.data.path, cfg.data.type)
+    summary = validate(as_spec(cfg.data))
     from lmflow_ray.data.stats import check_first_row
 
     if summary.type in ("conversation", "text2text", "text_only"):
-        check_first_row(Path(summary.files[0].path), summary.type, str(model_path), cfg.data.template)
+        check_first_row(as_spec(cfg.data), summary.type, str(model_path), cfg.data.template)
     return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
 
 

@@ -19,6 +19,7 @@ import torch
 
 from lmflow_ray.config import DPOConfig, FinetuneConfig, RewardModelConfig
 from lmflow_ray.data.collate import collate
+from lmflow_ray.data.source import as_spec
 from lmflow_ray.models.build import build_model
 from lmflow_ray.models.loading import REWARD_FORMAT_FILE, load_causal_lm, load_value_model
 from lmflow_ray.models.scoring import token_nll_sum
@@ -62,7 +63,7 @@ class Task:
     def datasets(cls, cfg, model_path: str, pad_id: int, bf16: bool) -> tuple:
         """(train Ray Dataset, eval Dataset or None, info, plan extras) of the job's data file."""
         d = cfg.data
-        ds, eval_ds, info = build_token_dataset(d.path, d.type, model_path, d.template, d.max_length, d.packing,
+        ds, eval_ds, info = build_token_dataset(as_spec(d), d.type, model_path, d.template, d.max_length, d.packing,
                                                 cfg.seed, d.eval_split)
         return ds, eval_ds, info, {}
 
@@ -124,7 +125,7 @@ class PairTask(Task):
     @classmethod
     def datasets(cls, cfg, model_path: str, pad_id: int, bf16: bool) -> tuple:
         d = cfg.data
-        ds, eval_ds, info = build_pair_dataset(d.path, d.type, model_path, d.template, d.max_length, cfg.seed,
+        ds, eval_ds, info = build_pair_dataset(as_spec(d), d.type, model_path, d.template, d.max_length, cfg.seed,
                                                d.eval_split, cls.data_types)
         skipped = {k: v for k, v in info["skipped"].items() if v}
         if skipped:

@@ -30,13 +30,13 @@ def read_corpus(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.exists():
         raise UserError(f"--corpus {p}: no such file or directory")
-    if p.suffix in (".json", ".jsonl") or p.is_dir():
-        from lmflow_ray.data.source import dataset_type, iter_instances, validate
+    if p.suffix in (".json", ".jsonl", ".parquet", ".arrow") or p.is_dir():
+        from lmflow_ray.data.source import resolve, validate
 
         summary = validate(p)
         if summary.type != "text_only":
             raise UserError(f"--corpus {p}: an LMFlow dataset must be text_only, not '{summary.type}'")
-        docs = [inst["text"] for f in dataset_type(p)[1] for _, _, inst in iter_instances(f)]
+        docs = [inst["text"] for inst in resolve(p).instances()]
     else:
         try:
             docs = p.read_text(encoding="utf-8").splitlines()
