@@ -195,7 +195,7 @@ def test_referenced_image_that_is_absent(tmp_path, cli):
     path = write_jsonl(tmp_path / "d.jsonl", [{"image": "img/a.png", "input": "What is it?", "output": "A cat."},
                                               {"image": "img/b.png", "input": "What is it?", "output": "A dog."}])
     line = one_line_error(cli("data", "validate", str(path), "--type", "image_text"))
-    assert line.startswith(f"error: {path}:2: instance 1: key 'image': file img/b.png not found")
+    assert line.startswith(f"error: {path}:2: instance 1: key 'image': file \"img/b.png\" not found")
 
 
 def test_convert_never_overwrites_and_declared_conflicts_are_named(tmp_path, cli):

@@ -406,8 +406,13 @@ class DataSource:
         problems = problems or check_instance(self.type, inst)
         if not problems and path is not None and self.type == "image_text":
             image = Path(inst["image"])
-            if not (image if image.is_absolute() else path.parent / image).is_file():
-                problems = [f"key 'image': file {image} not found (paths are relative to {path.parent})"]
+            try:
+                found = (image if image.is_absolute() else path.parent / image).is_file()
+            except (OSError, ValueError):  # a NUL byte, a name too long
+                found = False
+            if not found:
+                problems = [f"key 'image': file {json.dumps(inst['image'])} not found "
+                            f"(paths are relative to {path.parent})"]
         return inst, problems
 
     def instances(self) -> Iterator[dict]:
@@ -464,8 +469,7 @@ def resolve(data, configured: str | None = None) -> DataSource:
     else:
         shape = shapes.detect(row)
     if row is None and dtype is None:
-        raise DataError(_instances_shape_problem(first_file) if first_file.suffix == ".json"
-                        else f"{first_file}: no instances; add at least one row")
+        raise DataError(_no_instances(first_file))
     resolved, problem = shapes.lmflow_type(shape, row, dtype)
     if problem:
         raise DataError(f"{first_file}: {problem}")
@@ -475,6 +479,12 @@ def resolve(data, configured: str | None = None) -> DataSource:
     if mixed:
         raise DataError(f"{mixed[0]}: declares type '{declared[mixed[0]]}'; the dataset's rows are '{resolved}'")
     return DataSource(spec, resolved, shape, files)
+
+
+def _no_instances(path: Path) -> str:
+    if path.suffix == ".json" and _top_level_event(path) == "start_map":
+        return _instances_shape_problem(path)
+    return f"{path}: no instances; add at least one {'line' if path.suffix == '.jsonl' else 'row'}"
 
 
 def _check_columns(spec: DataSpec, path: Path, first_row) -> None:
@@ -514,8 +524,7 @@ def validate(path, configured: str | None = None, max_reported: int = MAX_REPORT
         if count == 0:
             total_problems += 1
             if len(problems) < max_reported:
-                problems.append(_instances_shape_problem(f) if f.suffix == ".json" and _top_level_event(f) == "start_map"
-                                else f"{f}: no instances; add at least one line")
+                problems.append(_no_instances(f))
         summary.files.append(FileSummary(str(f), src.type, count))
     if problems:
         more = total_problems - len(problems)
