@@ -10,10 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lmflow_ray"
 
-BASE = {"errors", "config", "config_loading", "runtime", "plots", "outputs", "tracking", "console"}
+BASE = {"errors", "config", "config_loading", "runtime", "plots", "outputs", "tracking", "console", "lazy_imports"}
 # What each top-level package or module may import besides itself (lower layers only).
 ALLOWED = {
     "errors": set(),
+    "lazy_imports": set(),
     "config": {"errors"},
     "config_loading": {"errors"},
     "runtime": {"errors", "console"},

@@ -13,8 +13,9 @@ the global loss and metric sums.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
+
+from lmflow_ray.lazy_imports import hidden
 
 
 def deepspeed_for_training():
@@ -27,19 +28,12 @@ def deepspeed_for_training():
     and neither the probe nor the build runs. (Measured: the test suite compiled it 3 times, ~300 s
     of CPU, as processes with different build flags invalidated each other's build.)
 
-    DeepSpeed's autotuner imports MLflow when it is installed (the `tracking` extra): ~1.1 s of
-    CPU in every training process, for an autotuner we never run. MLflow is hidden while DeepSpeed
-    imports (its autotuner then records "no mlflow"); our tracker imports it afterwards as usual.
+    MLflow is hidden while DeepSpeed imports (lazy_imports.py): its autotuner, which we never run,
+    would import it in every training process.
     """
-    hidden = "mlflow" not in sys.modules
-    if hidden:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError meanwhile
-    try:
+    with hidden("mlflow"):
         import deepspeed
         import deepspeed.ops
-    finally:
-        if hidden and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
-            del sys.modules["mlflow"]
 
     if "__compatible_ops__" not in vars(deepspeed.ops):
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
