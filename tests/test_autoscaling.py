@@ -5,7 +5,7 @@ cluster.yaml's groups (`cpu_workers`, `gpu_workers`, both from 0); the head adve
 so it cannot hold the work alone. Through the Jobs API a 2-worker finetune is submitted; the
 autoscaler adds CPU worker nodes, the job SUCCEEDS with a complete output dir, and after the
 idle timeout the nodes are removed. Then a Serve app with `autoscaling: {min_replicas: 1,
-max_replicas: 3}` takes a bounded burst of requests on 127.0.0.1 (until Serve added a replica
+max_replicas: 2}` takes a bounded burst of requests on 127.0.0.1 (until Serve added a replica
 on a node the autoscaler added): afterwards both scale back down; no request fails but documented 503 refusals.
 The node count over time is printed (pytest -s shows it; a failure shows it too).
 """
@@ -104,15 +104,17 @@ status = str(client.get_job_status(job))
 logs = client.get_job_logs(job)
 down = wait_scaled_down("idle after finetune")
 
-# 2. Serve: replicas between 1 and 3, a bounded burst of requests.
+# 2. Serve: replicas between 1 and 2, each a whole 2-CPU node (so a second replica needs a node the
+# autoscaler adds; a third would only be started and stopped again), a bounded burst of requests.
 from ray import serve
 from lmflow_ray.serve.app import build_app
 
 serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
-args = {"models": [{"name": "tiny", "path": "tiny-llama", "max_batch_size": 2, "max_tokens_limit": 64,
+args = {"models": [{"name": "tiny", "path": "tiny-llama", "num_cpus": 2, "max_batch_size": 2, "max_tokens_limit": 64,
                     "max_ongoing_requests": 2, "max_queued_requests": 64,
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
-                                    "upscale_delay_s": 0, "downscale_delay_s": 3}}]}
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                    "upscale_delay_s": 0, "downscale_delay_s": 3,
+                                    "look_back_period_s": 3}}]}
 serve.run(build_app(args), name="lmflow", route_prefix="/")
 
 def replicas():
@@ -163,11 +165,14 @@ def test_autoscaling_cluster_runs_a_job_and_a_serve_burst(tmp_path, tiny_llama):
     port = free_port()
     config = tmp_path / "autoscaler.yaml"
     config.write_text(yaml.safe_dump(autoscaling_config(f"{get_node_ip_address()}:{port}")))
+    # Serve keeps an idle node's HTTP proxy for RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S (30 s) before the
+    # node can go idle; 2 s here so the scale-down after the burst is not 50 s of waiting.
+    fast = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "2"}
     with private_ray_head(num_cpus=0, temp=root / "ray", port=port, args=(f"--autoscaling-config={config}",),
-                          extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as (env, gcs, dash):
+                          extra_env=fast) as (env, gcs, dash):
         out = tmp_path / "out"
         proc = subprocess.run([sys.executable, "-c", DRIVER, gcs, dash, str(out), str(free_port())],
-                              env={**env, "RAY_FAKE_CLUSTER": "1"}, cwd=REPO, capture_output=True, text=True,
+                              env={**env, **fast}, cwd=REPO, capture_output=True, text=True,
                               timeout=1500)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"status"')))

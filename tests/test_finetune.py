@@ -86,13 +86,14 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
     """1 worker x 2 accumulation steps == 2 workers x 1 step == hand-computed token mean."""
     data = tmp_path / "varied.json"
     _rows_of_varied_length(data)
-    losses = {}
+    losses, seen = {}, {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         run_finetune(make_cfg(repo, out, data=str(data), **{
             "scaling.num_workers": workers, "train.micro_batch_size": 4, "train.global_batch_size": 8,
             "train.num_epochs": 1, "train.max_steps": 1, "train.save_steps": 0, "deepspeed": "zero0"}))
         losses[workers] = metrics(out)[0]["loss"]
+        seen[workers] = (metrics(out)[0]["tokens_seen"], metrics(out)[0]["padding_tokens_seen"])
 
     from lmflow_ray.data.formats import normalize
     from lmflow_ray.data.tokenize import tokenize_conversation
@@ -100,9 +101,10 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
     from lmflow_ray.models.scoring import token_nll_sum
 
     tok, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
-    sums, counts = [], []
+    sums, counts, lengths = [], [], []
     for inst in json.loads(data.read_text())["instances"]:
         ex = tokenize_conversation(normalize("conversation", inst), tok, None, 128)
+        lengths.append(len(ex["input_ids"]))
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits
         s, n = token_nll_sum(logits, torch.tensor([ex["labels"]]))
@@ -112,6 +114,10 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
     mean_of_means = sum(s / n for s, n in zip(sums, counts)) / len(sums)
     assert abs(token_mean - mean_of_means) > 1e-3  # the data makes the two normalisations differ
     assert losses[1] == pytest.approx(token_mean, rel=1e-4)
+    # tokens_seen counts real tokens only; the pad positions of each pad-to-longest micro-batch apart.
+    for workers in (1, 2):
+        assert seen[workers][0] == sum(lengths), (seen, lengths)
+        assert 0 < seen[workers][1] < sum(max(lengths) - n for n in lengths) + 1, (seen, lengths)
     assert losses[2] == pytest.approx(token_mean, rel=1e-4)
 
 

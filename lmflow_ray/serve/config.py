@@ -38,6 +38,8 @@ class Autoscaling(Strict):
     target_ongoing_requests: Positive = 8.0
     upscale_delay_s: NonNegative = 5.0
     downscale_delay_s: NonNegative = 60.0
+    # The window over which requests in flight are averaged (Serve's default 30 s).
+    look_back_period_s: Positive = 30.0
 
     @model_validator(mode="after")
     def _order(self):

@@ -201,6 +201,7 @@ class Recipe:
                 state["step"] += 1
                 state["step_in_epoch"] += 1
                 state["tokens"] += int(result.seen)
+                state["padding_tokens"] = state.get("padding_tokens", 0) + int(result.padding)
                 self.window_tokens += result.seen
                 self.steps_timed += 1
                 if self.cfg.lisa.enabled and state["step"] % self.cfg.lisa.interval_steps == 0:
@@ -227,7 +228,8 @@ class Recipe:
             **self.task.report(result.stats, max(result.units, 1)),
             "tokens_per_s": self.window_tokens / max(time.time() - self.window_start, 1e-9),
             self.task.unit: int(result.units),
-            "tokens_seen": state["tokens"], "elapsed_s": elapsed,
+            "tokens_seen": state["tokens"], "padding_tokens_seen": state.get("padding_tokens", 0),
+            "elapsed_s": elapsed,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if self.lisa_layers is not None:

@@ -85,6 +85,7 @@ class StepResult:
     loss: float  # mean over the global batch's units
     units: float  # learned tokens / pairs / response tokens of the global batch
     seen: float  # real (non-pad) tokens of the global batch
+    padding: float = 0.0  # pad positions the global batch computed on besides
     stats: dict[str, float] = field(default_factory=dict)  # metric sums over the global batch
 
 
@@ -94,7 +95,8 @@ def optimizer_step(engine, task, micro: list[dict], world: int) -> StepResult:
 
     local_units = sum(task.units(mb) for mb in micro)
     local_seen = float(sum(int(mb["attention_mask"].sum()) for mb in micro))
-    units, seen = all_sum([local_units, local_seen])
+    local_padding = float(sum(mb["attention_mask"].numel() for mb in micro)) - local_seen
+    units, seen, padding = all_sum([local_units, local_seen, local_padding])
     scale = micro_batch_loss_scale(world, len(micro), int(units))
     loss_sum, sums = 0.0, {}
     for mb in micro:
@@ -106,4 +108,5 @@ def optimizer_step(engine, task, micro: list[dict], world: int) -> StepResult:
             sums[k] = sums.get(k, 0.0) + v
     keys = sorted(sums)
     total_loss, *totals = all_sum([loss_sum, *(sums[k] for k in keys)])
-    return StepResult(loss=total_loss / max(units, 1), units=units, seen=seen, stats=dict(zip(keys, totals)))
+    return StepResult(loss=total_loss / max(units, 1), units=units, seen=seen, padding=padding,
+                      stats=dict(zip(keys, totals)))
