@@ -4,11 +4,13 @@ Every process of a run (the CLI, each Ray Train worker, each actor and Serve rep
 what its libraries import at start-up. Two imports of installed extras cost every such process
 CPU time and memory for features our runs never touch:
 
-- transformers' assisted-decoding module imports scikit-learn (`sklearn.metrics.roc_curve`,
-  pulled in by `lm-eval`, the `harness` extra) whenever any model class is loaded: ~0.8 s of CPU
-  and ~100 MB of RSS per process. `install()` hides scikit-learn while that one module executes
-  and gives it a `roc_curve` that imports scikit-learn on first call, so assisted decoding with
-  a confidence threshold behaves as before.
+- transformers' assisted-decoding module imports scikit-learn (`sklearn.metrics.roc_curve`) and
+  its object-detection losses import SciPy (`scipy.optimize.linear_sum_assignment`) whenever any
+  model class is loaded, both pulled in by `lm-eval` (the `harness` extra): ~1.1 s of CPU and
+  ~110 MB of RSS per process. `install()` runs those modules against a stub of the package whose
+  only content is the function they import, a stand-in that imports the real package on first
+  call (the stub is removed afterwards), so assisted decoding with a confidence threshold and
+  DETR-style losses behave as before.
 - DeepSpeed's autotuner imports MLflow (the `tracking` extra): ~1.1 s of CPU per training
   process. `hidden("mlflow")` around `import deepspeed` (train/step.py).
 
@@ -22,7 +24,11 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-_TARGET = "transformers.generation.candidate_generator"
+# module (or package prefix) -> (the module it imports from, the names it takes)
+_ON_DEMAND = {
+    "transformers.generation.candidate_generator": ("sklearn.metrics", ("roc_curve",)),
+    "transformers.loss.": ("scipy.optimize", ("linear_sum_assignment",)),
+}
 
 
 @contextlib.contextmanager
@@ -38,17 +44,58 @@ def hidden(name: str):
             del sys.modules[name]
 
 
-def _roc_curve(*args, **kwargs):
-    from sklearn.metrics import roc_curve
+def _stand_in(name: str, where: str):
+    def call(*args, **kwargs):
+        import importlib
 
-    return roc_curve(*args, **kwargs)
+        return getattr(importlib.import_module(where), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
-class _SklearnOnDemand(importlib.abc.MetaPathFinder):
-    """Finds transformers' candidate_generator as usual and runs it with scikit-learn hidden."""
+@contextlib.contextmanager
+def _stubbed(where: str, names: tuple[str, ...]):
+    """`from WHERE import NAME` gives stand-ins meanwhile, unless WHERE's package is already imported."""
+    import types
+
+    parts = where.split(".")
+    if parts[0] in sys.modules:  # the real package (or an outer stub) is there: leave it
+        yield
+        return
+    stubs = []
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        stub = types.ModuleType(name)
+        stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=i < len(parts))
+        stub.__path__ = []
+        sys.modules[name] = stub
+        stubs.append(stub)
+        if i > 1:
+            setattr(stubs[-2], parts[i - 1], stub)
+    for n in names:
+        setattr(stubs[-1], n, _stand_in(n, where))
+    try:
+        yield
+    finally:
+        for stub in stubs:
+            if sys.modules.get(stub.__name__) is stub:
+                del sys.modules[stub.__name__]
+
+
+def _rule(module: str):
+    for key, rule in _ON_DEMAND.items():
+        if module == key or (key.endswith(".") and module.startswith(key)):
+            return rule
+    return None
+
+
+class _OnDemand(importlib.abc.MetaPathFinder):
+    """Finds the modules of `_ON_DEMAND` as usual and runs each against its stub."""
 
     def find_spec(self, name, path, target=None):
-        if name != _TARGET:
+        rule = _rule(name)
+        if rule is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -56,15 +103,14 @@ class _SklearnOnDemand(importlib.abc.MetaPathFinder):
         run = spec.loader.exec_module
 
         def exec_module(module):
-            with hidden("sklearn"):
+            with _stubbed(*rule):
                 run(module)
-            if "roc_curve" not in vars(module):
-                module.roc_curve = _roc_curve
 
         spec.loader.exec_module = exec_module
         return spec
 
 
 def install() -> None:
-    if _TARGET not in sys.modules and not any(isinstance(f, _SklearnOnDemand) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SklearnOnDemand())
+    """Add the import hook (once); it imports nothing itself."""
+    if not any(isinstance(f, _OnDemand) for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnDemand())

@@ -19,16 +19,19 @@ def test_hidden_raises_meanwhile_and_restores():
         import json  # noqa: F401
 
 
-def test_model_classes_load_without_scikit_learn_until_asked():
+def test_model_classes_load_without_scikit_learn_or_scipy_until_asked():
     code = """
 import sys
 import lmflow_ray
 from transformers import LlamaForCausalLM
 import transformers.generation.candidate_generator as cg
+import transformers.loss.loss_for_object_detection as od
 from lmflow_ray.train.step import deepspeed_for_training
 deepspeed_for_training()
-before = sorted(m for m in ("sklearn", "mlflow") if m in sys.modules)
+before = sorted(m for m in ("sklearn", "scipy", "mlflow") if m in sys.modules)
 fpr, tpr, _ = cg.roc_curve([0, 1, 1], [0.1, 0.8, 0.7])
+rows, cols = od.linear_sum_assignment([[4, 1], [2, 8]])
+assert list(cols) == [1, 0], cols
 import mlflow
 print(before, "sklearn" in sys.modules, [float(x) for x in tpr], mlflow.MlflowClient.__name__)
 """
