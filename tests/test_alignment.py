@@ -80,10 +80,23 @@ def test_eval_reports_table5_metrics(reward_model, tiny_llama, repo, tmp_path, c
 
 
 def _dpo(repo, out: Path, **sets):
+    sets = {"data.path": repo / "examples/data/preference_tiny.json", **sets}
     cfg = load_config(DPOConfig, repo / "configs" / "dpo_tiny.yaml",
-                      [f"output_dir={out}", f"data.path={repo / 'examples/data/preference_tiny.json'}",
-                       *(f"{k}={v}" for k, v in sets.items())])
+                      [f"output_dir={out}", *(f"{k}={v}" for k, v in sets.items())])
     return run_finetune(cfg)
+
+
+def preference_parquet(repo, path: Path) -> Path:
+    """preference_tiny.json's pairs as TRL-style conversational columns (prompt / chosen / rejected
+    message lists) under other names, in a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = json.loads((repo / "examples/data/preference_tiny.json").read_text())["instances"]
+    pq.write_table(pa.Table.from_pylist([{
+        "question": p["chosen"]["messages"][:1], "good": p["chosen"]["messages"][1:],
+        "bad": p["rejected"]["messages"][1:]} for p in pairs]), path)
+    return path
 
 
 def test_dpo_raises_the_heldout_logp_margin(ray_session, repo, tmp_path, tiny_llama):
@@ -95,10 +108,17 @@ def test_dpo_raises_the_heldout_logp_margin(ray_session, repo, tmp_path, tiny_ll
     assert evals[-1]["eval_reward_accuracy"] > 0.9 and evals[-1]["eval_loss"] < 0.5
     # Reference log-probs precomputed in one Ray Data pass: the same start. Policy == reference there, so
     # the first step's loss is log 2 exactly when the precomputed log-probs are right (wrong ones move it).
-    _dpo(repo, pre, **{"train.num_epochs": 1, "train.max_steps": 1, "dpo.reference": "precompute"})
+    # This run reads the same pairs from Parquet with renamed columns (data.columns): the same
+    # data-dependent figures (log-prob margins of the first step and of the held-out split).
+    _dpo(repo, pre, **{"train.num_epochs": 1, "train.max_steps": 1, "dpo.reference": "precompute",
+                       "data.path": preference_parquet(repo, tmp_path / "pairs.parquet"),
+                       "data.columns.prompt": "question", "data.columns.chosen": "good",
+                       "data.columns.rejected": "bad"})
     a, b = rows(copy), rows(pre)
     assert b[0]["step"] == 0 and b[0]["eval_loss"] == pytest.approx(a[0]["eval_loss"], rel=1e-4)
+    assert b[0]["eval_logp_margin"] == pytest.approx(a[0]["eval_logp_margin"], rel=1e-4)
     assert b[1]["step"] == 1 and b[1]["loss"] == pytest.approx(a[1]["loss"], rel=1e-4)
+    assert b[1]["logp_margin"] == pytest.approx(a[1]["logp_margin"], rel=1e-4) and abs(a[1]["logp_margin"]) > 1e-2
     assert b[1]["loss"] == pytest.approx(math.log(2), rel=1e-4)
 
 

@@ -3,21 +3,20 @@ JSON arrays, Parquet, Arrow and `datasets.save_to_disk` directories, mapped onto
 
 Each dataset is generated here (with `datasets` / pyarrow, no download). Checked: the mapping
 (validate's type and count, convert's LMFlow instances), every bad input as one line naming the
-file, row and field with exit status 2 and nothing written, and training straight from the
-files: an SFT run from a save_to_disk directory has the first-step loss computed by hand on the
-same data as LMFlow JSON instances; a DPO run from Parquet (columns renamed) logs the first-step
-log-prob margin computed by hand on the same pairs as LMFlow JSON instances.
+file, row and field with exit status 2 and nothing written, Ray Data rows and `data stats` equal
+to the LMFlow JSON's. Training straight from these files rides on runs the suite makes anyway:
+tests/test_finetune.py::test_loss_is_mean_over_global_batch_tokens (an SFT run from a
+save_to_disk directory has the hand-computed first-step loss of the LMFlow JSON instances) and
+tests/test_alignment.py::test_dpo_raises_the_heldout_logp_margin (a DPO run from Parquet with
+renamed columns logs the LMFlow JSON run's first-step and held-out log-prob margins).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_cfg
 
 from lmflow_ray.data.source import DataError, validate
 
@@ -253,78 +252,3 @@ def _as_sharegpt(inst: dict) -> dict:
     tags = {"user": "human", "assistant": "gpt"}
     return {"conversations": [{"from": "system", "value": inst["system"]}]
             + [{"from": tags[m["role"]], "value": m["content"]} for m in inst["messages"]]}
-
-
-def _as_openai(inst: dict) -> dict:
-    return {"messages": [{"role": "system", "content": inst["system"]}, *inst["messages"]]}
-
-
-def test_sft_from_a_save_to_disk_directory_has_the_lmflow_json_first_loss(ray_session, repo, tmp_path, tiny_llama):
-    import datasets
-
-    from lmflow_ray.data.formats import normalize
-    from lmflow_ray.data.tokenize import tokenize_conversation
-    from lmflow_ray.models.loading import load_causal_lm, load_tokenizer
-    from lmflow_ray.models.scoring import token_nll_sum
-    from lmflow_ray.train.run import run_finetune
-
-    instances = _sft_instances(8)
-    hf_dir = tmp_path / "chat_hf"
-    datasets.Dataset.from_list([_as_openai(i) for i in instances]).save_to_disk(str(hf_dir))
-    out = tmp_path / "out"
-    run_finetune(make_cfg(repo, out, data=str(hf_dir), **{
-        "scaling.num_workers": 1, "train.micro_batch_size": 8, "train.global_batch_size": 8,
-        "train.num_epochs": 1, "train.max_steps": 1, "train.save_steps": 0, "deepspeed": "zero0"}))
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert json.loads((out / "run.json").read_text())["data"]["type"] == "conversation"
-
-    # The same conversations as LMFlow JSON instances, scored by hand: the token mean of the batch.
-    tok, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
-    sums = counts = 0
-    for inst in instances:
-        ex = tokenize_conversation(normalize("conversation", inst), tok, None, 128)
-        with torch.no_grad():
-            s, n = token_nll_sum(model(input_ids=torch.tensor([ex["input_ids"]])).logits, torch.tensor([ex["labels"]]))
-        sums, counts = sums + float(s), counts + int(n)
-    assert first["loss"] == pytest.approx(sums / counts, rel=1e-4)
-
-
-def test_dpo_from_parquet_logs_the_lmflow_json_first_step(ray_session, repo, tmp_path, tiny_llama):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lmflow_ray.config import DPOConfig
-    from lmflow_ray.config_loading import load_config
-    from lmflow_ray.data.formats import normalize
-    from lmflow_ray.data.tokenize import tokenize_conversation
-    from lmflow_ray.models.loading import load_causal_lm, load_tokenizer
-    from lmflow_ray.models.scoring import token_nll_sum
-    from lmflow_ray.train.run import run_finetune
-
-    pairs = json.loads((repo / "examples/data/preference_tiny.json").read_text())["instances"][:16]
-    parquet = tmp_path / "pairs.parquet"  # TRL's conversational columns, under other names
-    pq.write_table(pa.Table.from_pylist([{
-        "question": [p["chosen"]["messages"][0]], "good": p["chosen"]["messages"][1:],
-        "bad": p["rejected"]["messages"][1:]} for p in pairs]), parquet)
-    out = tmp_path / "out"
-    cfg = load_config(DPOConfig, repo / "configs" / "dpo_tiny.yaml", [
-        f"output_dir={out}", f"data.path={parquet}", "data.eval_split=0", "scaling.num_workers=1",
-        "train.micro_batch_size=16", "train.global_batch_size=16", "train.max_steps=1", "deepspeed=zero0",
-        "data.columns.prompt=question", "data.columns.chosen=good", "data.columns.rejected=bad"])
-    run_finetune(cfg)
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-
-    # The same pairs as LMFlow JSON instances, by hand: at step 1 the policy is the reference (loss ln 2)
-    # and logp_margin is the mean of log p(chosen) - log p(rejected) under the base model.
-    tok, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
-
-    def logp(conv: dict) -> float:
-        ex = tokenize_conversation(normalize("conversation", conv), tok, None, cfg.data.max_length)
-        with torch.no_grad():
-            s, _ = token_nll_sum(model(input_ids=torch.tensor([ex["input_ids"]])).logits, torch.tensor([ex["labels"]]))
-        return -float(s)
-
-    margin = sum(logp(p["chosen"]) - logp(p["rejected"]) for p in pairs) / len(pairs)
-    assert abs(margin) > 1e-2  # the data reaches the figure
-    assert first["logp_margin"] == pytest.approx(margin, rel=1e-4, abs=1e-4)
-    assert first["loss"] == pytest.approx(math.log(2), rel=1e-5)

@@ -83,17 +83,25 @@ def _rows_of_varied_length(path: Path) -> None:
 
 
 def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny_llama):
-    """1 worker x 2 accumulation steps == 2 workers x 1 step == hand-computed token mean."""
+    """1 worker x 2 accumulation steps == 2 workers x 1 step == hand-computed token mean.
+
+    The 2-worker run reads the same conversations as OpenAI-chat rows from a `datasets.save_to_disk`
+    directory (data/shapes.py): the first-step loss is the one computed on the LMFlow JSON instances."""
+    import datasets
+
     data = tmp_path / "varied.json"
     _rows_of_varied_length(data)
+    hf_dir = tmp_path / "varied_hf"
+    datasets.Dataset.from_list(json.loads(data.read_text())["instances"]).save_to_disk(str(hf_dir))
     losses, seen = {}, {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        run_finetune(make_cfg(repo, out, data=str(data), **{
+        run_finetune(make_cfg(repo, out, data=str(data if workers == 1 else hf_dir), **{
             "scaling.num_workers": workers, "train.micro_batch_size": 4, "train.global_batch_size": 8,
             "train.num_epochs": 1, "train.max_steps": 1, "train.save_steps": 0, "deepspeed": "zero0"}))
         losses[workers] = metrics(out)[0]["loss"]
         seen[workers] = (metrics(out)[0]["tokens_seen"], metrics(out)[0]["padding_tokens_seen"])
+    assert json.loads((tmp_path / "w2" / "run.json").read_text())["data"]["type"] == "conversation"
 
     from lmflow_ray.data.formats import normalize
     from lmflow_ray.data.tokenize import tokenize_conversation
