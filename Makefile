@@ -27,6 +27,7 @@ demo: install
 	$(BIN)/lmflow-ray pipeline --config configs/pipeline_demo.yaml
 
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 lint: install

@@ -1,4 +1,4 @@
-"""SFT training throughput: `lmflow-ray finetune` (packed) vs a plain transformers.Trainer.
+"""SFT training throughput: `lmflow-ray finetune` (packed) vs TRL's SFTTrainer (packed) and a plain transformers.Trainer.
 
 Both sides train the same model on the same generated conversation set (fixed seed,
 assistant answers from a few words to ~200 tokens), tokenized by the same
@@ -11,6 +11,12 @@ the same lr, cosine schedule, clipping 1.0, the same number of torch threads.
   longest sample of each batch), no packing, `per_device_train_batch_size` = samples per
   project step (so both see the same real tokens per step and in total). It runs in a
   subprocess of this script so its peak RSS is its own.
+
+- trl: TRL's `SFTTrainer` with `packing=True` (its best-fit-decreasing packing, padding-free
+  with per-sample position ids, as TRL documents for packing) on the same pre-tokenized samples
+  (`input_ids` + `completion_mask` from our labels, so the same tokens are learned),
+  `per_device_train_batch_size` = the project's blocks per step, same lr / schedule / clipping,
+  in its own subprocess (`--trl`; needs the `bench` extra: `pip install -e '.[bench]'`).
 
 Figures: real (non-padding) tokens per second of training-loop time (project: the
 dataset's real tokens / `elapsed_s` of the last metrics row; baseline: the same tokens /
@@ -178,6 +184,54 @@ def baseline_main(spec_path: str) -> None:
     }))
 
 
+def trl_main(spec_path: str) -> None:
+    """Subprocess entry: train with TRL's SFTTrainer (packing), write figures to spec['result']."""
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from lmflow_ray.models.loading import load_tokenizer
+
+    torch.set_num_threads(spec["threads"])
+    tok = load_tokenizer(spec["model_path"])
+    rows = [{"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]}
+            for e in spec["examples"]]
+    model = AutoModelForCausalLM.from_pretrained(spec["model_path"], dtype=torch.float32, use_safetensors=True)
+    cfg = SFTConfig(
+        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch_size"], num_train_epochs=1,
+        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        optim="adamw_torch", use_cpu=True, bf16=False, fp16=False, logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0, packing=True, max_length=spec["max_length"],
+        completion_only_loss=True,
+    )
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    packed = trainer.train_dataset
+    positions = sum(len(x) for x in packed["input_ids"])
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    Path(spec["result"]).write_text(json.dumps({
+        "train_runtime_s": result.metrics["train_runtime"], "steps": result.global_step,
+        "packed_sequences": len(packed), "packed_positions": positions,
+        "mean_loss": sum(losses) / max(len(losses), 1), "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+def run_trl(model_path: str, examples: list[dict], blocks_per_step: int, tmp: Path, args) -> dict:
+    spec = {"model_path": model_path, "examples": examples, "batch_size": blocks_per_step, "lr": args.lr,
+            "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "trl_out"),
+            "max_length": args.max_length, "result": str(tmp / "trl.json")}
+    (tmp / "trl_spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    wall = time.time()
+    subprocess.run([sys.executable, __file__, "--trl-spec", str(tmp / "trl_spec.json")], check=True, env=env,
+                   stdout=sys.stderr)
+    return {**json.loads((tmp / "trl.json").read_text()), "wall_s": time.time() - wall}
+
+
 def run_baseline(model_path: str, examples: list[dict], batch_size: int, tmp: Path, args) -> dict:
     spec = {"model_path": model_path, "examples": examples, "batch_size": batch_size, "lr": args.lr,
             "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "hf_out"),
@@ -278,6 +332,7 @@ def main() -> dict:
     # 1 by default: on a shared machine, 2 OpenMP threads on 2 cores stall whenever another process
     # runs (steps seen 50x slower than with 1 thread), which would swamp the comparison.
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
+    p.add_argument("--sides", default="project,trl,baseline", help="which of project, trl, baseline to run")
     args = p.parse_args()
 
     from lmflow_ray.models.zoo import fetch_model
@@ -297,13 +352,15 @@ def main() -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmpdir:
         tmp = Path(tmpdir)
         write_dataset(convs, tmp / "sft.json")
+        sides = set(args.sides.split(","))
         load_before = os.getloadavg()[0]
         proj = run_project(MODELS[args.model], tmp / "sft.json", tmp / "project", args)
         import ray
 
         ray.shutdown()  # its daemons and idle workers would otherwise share the cores with the baseline
         load_mid = os.getloadavg()[0]
-        base = run_baseline(model_path, examples, batch_size, tmp, args)
+        peer = run_trl(model_path, examples, args.micro_batch, tmp, args) if "trl" in sides else None
+        base = run_baseline(model_path, examples, batch_size, tmp, args) if "baseline" in sides else None
         load_after = os.getloadavg()[0]
     check = interleaved_check(model_path, examples, blocks, args.micro_batch, batch_size,
                               min(args.interleaved_pairs, project_steps - 1), args) if args.interleaved_pairs else None
@@ -320,25 +377,46 @@ def main() -> dict:
         "first_loss": round(proj["rows"][0]["loss"], 4), "last_loss": round(last["loss"], 4),
         "mean_loss": round(sum(r["loss"] for r in proj["rows"]) / len(proj["rows"]), 4),
     }
-    pc = base["pad_counts"]
-    baseline = {
-        "per_device_train_batch_size": batch_size, "steps": base["steps"], "train_runtime_s": round(base["train_runtime_s"], 1),
-        "wall_s_incl_startup": round(base["wall_s"], 1),
-        "real_tokens_per_s": round(real_tokens / base["train_runtime_s"], 2),
-        "padding_waste_pct": round(100 * (pc["positions"] - pc["real"]) / pc["positions"], 1),
-        "positions_processed": pc["positions"], "real_tokens_collated": pc["real"],
-        "max_rss_mb": round(base["max_rss_mb"], 0),
-        "first_loss": round(base["first_loss"], 4), "last_loss": round(base["last_loss"], 4),
-        "mean_loss": round(base["mean_loss"], 4),
-    }
+    baseline = trl = None
+    if base:
+        pc = base["pad_counts"]
+        baseline = {
+            "per_device_train_batch_size": batch_size, "steps": base["steps"],
+            "train_runtime_s": round(base["train_runtime_s"], 1), "wall_s_incl_startup": round(base["wall_s"], 1),
+            "real_tokens_per_s": round(real_tokens / base["train_runtime_s"], 2),
+            "padding_waste_pct": round(100 * (pc["positions"] - pc["real"]) / pc["positions"], 1),
+            "positions_processed": pc["positions"], "real_tokens_collated": pc["real"],
+            "max_rss_mb": round(base["max_rss_mb"], 0),
+            "first_loss": round(base["first_loss"], 4), "last_loss": round(base["last_loss"], 4),
+            "mean_loss": round(base["mean_loss"], 4),
+        }
+    if peer:
+        trl = {
+            "settings": {"packing": True, "packing_strategy": "bfd (padding-free)", "completion_only_loss": True,
+                         "per_device_train_batch_size": args.micro_batch, "max_length": args.max_length},
+            "steps": peer["steps"], "packed_sequences": peer["packed_sequences"],
+            "train_runtime_s": round(peer["train_runtime_s"], 1), "wall_s_incl_startup": round(peer["wall_s"], 1),
+            "real_tokens_per_s": round(real_tokens / peer["train_runtime_s"], 2),
+            "max_rss_mb": round(peer["max_rss_mb"], 0),
+            "first_loss": round(peer["first_loss"], 4), "last_loss": round(peer["last_loss"], 4),
+            "mean_loss": round(peer["mean_loss"], 4),
+        }
+
+    def ratios(other: dict | None) -> dict | None:
+        if not other:
+            return None
+        return {"tokens_per_s": round(project["real_tokens_per_s"] / other["real_tokens_per_s"], 3),
+                "wall_s": round(other["wall_s_incl_startup"] / project["wall_s_incl_startup_and_save"], 3),
+                "max_rss": round(project["max_rss_mb"] / other["max_rss_mb"], 3)}
+
     return {
         "benchmark": "train_throughput", "model": MODELS[args.model], "samples": len(examples),
         "real_tokens": real_tokens, "sample_tokens": length_stats(lengths), "max_length": args.max_length,
         "micro_batch_blocks": args.micro_batch, "threads": args.threads, "lr": args.lr,
-        "project": project, "baseline": baseline,
-        "ratio_tokens_per_s": round(project["real_tokens_per_s"] / baseline["real_tokens_per_s"], 3),
-        "ratio_max_rss": round(project["max_rss_mb"] / baseline["max_rss_mb"], 3),
-        "goal_ratio": 1.3,
+        "project": project, "trl": trl, "baseline": baseline,
+        # ours / theirs for tokens/s and RSS; theirs / ours for wall time (> 1: we finish sooner)
+        "ratio_vs_trl": ratios(trl), "ratio_vs_baseline": ratios(baseline),
+        "goal_ratio_vs_baseline_tokens_per_s": 1.3, "goal_ratio_vs_trl_wall": 1.2,
         "interleaved_packing_only": check,
         "load_avg_1m": {"before": load_before, "between": load_mid, "after": load_after},
         "machine": machine(), "versions": versions(),
@@ -348,6 +426,9 @@ def main() -> dict:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--baseline-spec":
         baseline_main(sys.argv[2])
+        sys.exit(0)
+    if len(sys.argv) == 3 and sys.argv[1] == "--trl-spec":
+        trl_main(sys.argv[2])
         sys.exit(0)
     # Ray, DeepSpeed and the training loop print progress on fd 1; keep stdout for the JSON alone.
     json_out = os.fdopen(os.dup(1), "w")
