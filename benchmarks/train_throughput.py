@@ -220,28 +220,28 @@ def trl_main(spec_path: str) -> None:
     }))
 
 
-def run_trl(model_path: str, examples: list[dict], blocks_per_step: int, tmp: Path, args) -> dict:
-    spec = {"model_path": model_path, "examples": examples, "batch_size": blocks_per_step, "lr": args.lr,
-            "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "trl_out"),
-            "max_length": args.max_length, "result": str(tmp / "trl.json")}
-    (tmp / "trl_spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+def _run_side(flag: str, name: str, spec: dict, tmp: Path, threads: int) -> dict:
+    """One peer's training in a subprocess of this script (its peak RSS is its own): its figures + wall_s."""
+    spec = {**spec, "result": str(tmp / f"{name}.json")}
+    (tmp / f"{name}_spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     wall = time.time()
-    subprocess.run([sys.executable, __file__, "--trl-spec", str(tmp / "trl_spec.json")], check=True, env=env,
+    subprocess.run([sys.executable, __file__, flag, str(tmp / f"{name}_spec.json")], check=True, env=env,
                    stdout=sys.stderr)
-    return {**json.loads((tmp / "trl.json").read_text()), "wall_s": time.time() - wall}
+    return {**json.loads((tmp / f"{name}.json").read_text()), "wall_s": time.time() - wall}
+
+
+def run_trl(model_path: str, examples: list[dict], blocks_per_step: int, tmp: Path, args) -> dict:
+    return _run_side("--trl-spec", "trl", {
+        "model_path": model_path, "examples": examples, "batch_size": blocks_per_step, "lr": args.lr,
+        "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "trl_out"), "max_length": args.max_length},
+        tmp, args.threads)
 
 
 def run_baseline(model_path: str, examples: list[dict], batch_size: int, tmp: Path, args) -> dict:
-    spec = {"model_path": model_path, "examples": examples, "batch_size": batch_size, "lr": args.lr,
-            "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "hf_out"),
-            "result": str(tmp / "baseline.json")}
-    (tmp / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    wall = time.time()
-    subprocess.run([sys.executable, __file__, "--baseline-spec", str(tmp / "spec.json")], check=True, env=env,
-                   stdout=sys.stderr)
-    return {**json.loads((tmp / "baseline.json").read_text()), "wall_s": time.time() - wall}
+    return _run_side("--baseline-spec", "baseline", {
+        "model_path": model_path, "examples": examples, "batch_size": batch_size, "lr": args.lr,
+        "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "hf_out")}, tmp, args.threads)
 
 
 def interleaved_check(model_path: str, examples: list[dict], blocks: list[dict], micro: int, batch_size: int,

@@ -101,6 +101,20 @@ class CliResult:
 
 
 @pytest.fixture
+def hub_offline(monkeypatch):
+    """This machine has no Hugging Face Hub: offline mode makes a download fail at once instead of after
+    connection retries. The environment alone is not enough once `huggingface_hub` / `datasets` were
+    imported by an earlier test (they read it at import): their flags are set too."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture
 def cli(capsys, monkeypatch):
     """`lmflow-ray ARGS` run in this process (`cli.main`), from the repository root: for exit codes and
     one-line errors, without a Python start-up per case. Commands that reach Ray join the session's

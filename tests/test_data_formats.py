@@ -122,15 +122,9 @@ def test_trl_conversational_preference_rows(tmp_path):
     assert (summary.type, summary.instances) == ("paired_conversation", 2)
 
 
-def test_a_hub_name_without_the_hub_is_one_line_saying_what_to_do(tmp_path, cli, monkeypatch):
-    import datasets.config
-    import huggingface_hub.constants
-
+def test_a_hub_name_without_the_hub_is_one_line_saying_what_to_do(tmp_path, hub_offline):
     from lmflow_ray.config import DataConfig
 
-    # This machine has no Hub: offline mode says so at once instead of after connection retries.
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     spec = DataConfig.model_validate({"hf": "org/some-chat-set", "split": "train"})
     with pytest.raises(DataError) as info:
         validate(spec)

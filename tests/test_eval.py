@@ -165,11 +165,9 @@ def test_a_lora_adapter_dir_is_scored_without_merging(cli, tiny_llama, tmp_path)
     assert ident["fingerprint"] != values["base"]["identity"]["fingerprint"]
 
 
-def test_harness_on_the_local_task_equals_our_multiple_choice_accuracy(cli, tiny_llama, repo, tmp_path, monkeypatch):
+def test_harness_on_the_local_task_equals_our_multiple_choice_accuracy(cli, tiny_llama, repo, tmp_path, hub_offline):
     """lm-evaluation-harness (its Python API, HF backend) on the bundled local task gives the same acc and
     acc_norm as `--metrics accuracy` on the same file; a task whose data must be downloaded is one line."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: fail at once instead of retrying
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     ours, theirs = tmp_path / "ours.json", tmp_path / "harness.json"
     assert cli("eval", "--model", str(tiny_llama), "--data", str(repo / "examples/data/mc_tiny.json"),
                "--metrics", "accuracy", "--out", str(ours)).returncode == 0
