@@ -79,7 +79,7 @@ def _make_read_tasks(src: DataSource, rows_per_block: int, for_prompt: bool = Fa
         if f.suffix == ".jsonl" and size > JSONL_SPLIT_BYTES:
             for start in range(0, size, JSONL_SPLIT_BYTES):
                 end = min(size, start + JSONL_SPLIT_BYTES)
-                tasks.append(task(f, lambda f=f, start=start, end=end: _renamed(src, _jsonl_range(f, start, end)),
+                tasks.append(task(f, lambda f=f, start=start, end=end: src.renamed(_jsonl_range(f, start, end)),
                                   f"{f}@{start}"))
         elif f.suffix == ".parquet" and size > JSONL_SPLIT_BYTES:
             for groups, first_row in _row_group_ranges(f, JSONL_SPLIT_BYTES):
@@ -88,13 +88,6 @@ def _make_read_tasks(src: DataSource, rows_per_block: int, for_prompt: bool = Fa
         else:
             tasks.append(task(f, lambda f=f: src.rows(f), str(f)))
     return tasks
-
-
-def _renamed(src: DataSource, rows):
-    from lmflow_ray.data.source import rename_columns
-
-    for index, lineno, row in rows:
-        yield index, lineno, rename_columns(row, src.spec.columns) if src.spec.columns else row
 
 
 def _row_group_ranges(path: Path, max_bytes: int):

@@ -393,8 +393,11 @@ class DataSource:
     files: list[Path]
 
     def rows(self, path: Path, row_groups: list[int] | None = None, start: int = 0):
-        """(index, line or None, row with its columns renamed) of one file."""
-        rows = _columnar_rows(path, row_groups, start) if row_groups is not None else iter_instances(path)
+        """(index, line or None, row with its columns renamed) of one file (`row_groups`: only those, Parquet)."""
+        return self.renamed(_columnar_rows(path, row_groups, start) if row_groups is not None else iter_instances(path))
+
+    def renamed(self, rows):
+        """`rows` ((index, line, row) triples) with the spec's columns renamed."""
         if not self.spec.columns:
             yield from rows
             return
@@ -477,9 +480,6 @@ def resolve(data, configured: str | None = None) -> DataSource:
         raise DataError(f"{first_file}: {problem}")
     if dtype is not None and spec.type is None and resolved != dtype:
         raise DataError(f"{first_file}: declares type '{dtype}' but its rows are {shape} rows ({resolved})")
-    mixed = [f for f, t in declared.items() if t and t != resolved]
-    if mixed:
-        raise DataError(f"{mixed[0]}: declares type '{declared[mixed[0]]}'; the dataset's rows are '{resolved}'")
     return DataSource(spec, resolved, shape, files)
 
 
@@ -499,12 +499,6 @@ def _check_columns(spec: DataSpec, path: Path, first_row) -> None:
         name, col = missing[0]
         raise DataError(f"{path}: data.columns maps '{name}' to column '{col}', which is not there; "
                         f"its columns: {', '.join(present) or 'none'}")
-
-
-def dataset_type(path, configured: str | None = None) -> tuple[str, list[Path]]:
-    """The single type shared by every file of a dataset (checked), and the files."""
-    src = resolve(path, configured)
-    return src.type, src.files
 
 
 def validate(path, configured: str | None = None, max_reported: int = MAX_REPORTED) -> DatasetSummary:
