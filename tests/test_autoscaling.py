@@ -126,7 +126,7 @@ codes = {}
 lock = threading.Lock()
 stop = threading.Event()
 
-def outcome(code):
+def outcome(code, sent):
     with lock:
         codes[str(code)] = codes.get(str(code), 0) + 1
 

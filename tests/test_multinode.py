@@ -186,18 +186,18 @@ def say(**row):
 t0 = time.time()
 ok, failures, lock, stop = [0], [], threading.Lock(), threading.Event()
 
-def outcome(code):
+def outcome(code, sent):
     with lock:
         if code == 200:
             ok[0] += 1
         else:
-            failures.append({"t": round(time.time() - t0, 2), "error": code})
+            failures.append({"sent": round(sent - t0, 2), "t": round(time.time() - t0, 2), "error": code})
 
 running, nodes = replicas()
 say(event="ready", replicas=running, nodes=nodes)
 sys.path.insert(0, "tests")
 from load_clients import start_clients
-threads = start_clients(port, 4, 16, outcome, stop, timeout=60, daemon=True)
+threads = start_clients(port, 4, 16, outcome, stop, timeout=30, daemon=True)
 watch = threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True)
 watch.start()
 while not stop.is_set():
@@ -249,6 +249,7 @@ def test_serve_keeps_answering_when_a_node_dies(slot_cluster, tiny_llama):
             proc.kill()
     print(f"\nkilled at {killed_at}s, back at {back['t']}s: {end['ok']} answered, failures {end['failures']}")
     failures = end["failures"]
-    # Only requests in flight on the dead replica may fail (4 clients: at most 4), and only around the kill.
-    assert len(failures) <= 4 and all(killed_at - 1 <= f["t"] <= killed_at + 30 for f in failures), failures
+    # Only requests in flight on the dead replica may fail (4 clients: at most 4), sent around the kill. One
+    # Serve had just routed there may wait until the client's timeout (30 s) instead of failing at once.
+    assert len(failures) <= 4 and all(killed_at - 1 <= f["sent"] <= killed_at + 30 for f in failures), failures
     assert end["ok"] > after["ok"]

@@ -95,6 +95,23 @@ def test_streaming_chat_arrives_in_pieces_before_the_end(client):
     # Tokens arrive over time, not all at once at the end.
     assert arrivals[-1] - arrivals[0] > 0.05, arrivals
 
+    # stream_options.include_usage: one more chunk, without choices, holding the counts of the whole answer.
+    whole = _chat(client, max_tokens=32)
+    chunks = list(client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=32, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(include={"prompt_tokens", "completion_tokens"}) == \
+        whole.usage.model_dump(include={"prompt_tokens", "completion_tokens"})
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_ignore_eos_generates_max_tokens(client):
+    """vLLM's extension, which serving benchmarks send: the answer goes on past the end-of-sequence token."""
+    short = _chat(client, max_tokens=40)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+    long = _chat(client, max_tokens=40, extra_body={"ignore_eos": True})
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 40
+    assert long.choices[0].message.content.startswith(short.choices[0].message.content)
+
 
 def test_n_choices_seed_and_stop(client):
     r = _chat(client, n=3, temperature=1.0, seed=7, max_tokens=12)
@@ -293,6 +310,9 @@ def test_vllm_app_chat_stream_and_n(server):
     assert len(pieces) >= 3 and "".join(pieces) == r.choices[0].message.content
     many = _chat(client, n=2, temperature=1.0, seed=3, max_tokens=8)
     assert len(many.choices) == 2
+    chunks = list(client.completions.create(model="smollm2", prompt="Hello", max_tokens=40, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True}, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 40 and chunks[-2].choices[0].finish_reason == "length"
     # Concurrent requests share the running batch (continuous batching): 16 at once all succeed.
     bodies = [{"model": "smollm2", "messages": QUESTION, "max_tokens": 8, "temperature": 0}] * 16
     results = asyncio.run(_fire(f"{server}/vllm/v1/chat/completions", bodies))

@@ -37,6 +37,9 @@ class SamplingParams:
     logprobs: bool = False
     # With logprobs: also the this-many most likely tokens at each position (OpenAI's top_logprobs).
     top_logprobs: int = 0
+    # Keep generating past the end-of-sequence token, up to max_tokens (vLLM's extension of the OpenAI API;
+    # serving benchmarks use it so that every request produces the same number of tokens).
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):

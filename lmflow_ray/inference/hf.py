@@ -149,6 +149,9 @@ class HFEngine(Engine):
         self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                                *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
         self.last_speculation: SpeculationStats | None = None
+        # After a `stream`: (tokens it generated, whether the last one ended the sequence), counted as `generate`
+        # counts a completion's token_ids (its end-of-sequence token included).
+        self.last_stream: tuple[int, bool] = (0, False)
 
     @classmethod
     def load(cls, model: str | Path, template: str | None = None, draft_model: str | Path | None = None,
@@ -186,7 +189,16 @@ class HFEngine(Engine):
 
         if params.n != 1:
             raise UserError(f"streaming gives one completion per prompt; got n={params.n}")
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        eos_ids, counts = set(self.eos_ids), [0, False]
+
+        class Counting(TextIteratorStreamer):
+            def put(self, value):
+                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                    counts[0] += value.numel()
+                    counts[1] = int(value.reshape(-1)[-1]) in eos_ids
+                super().put(value)
+
+        streamer = Counting(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
         errors: list[BaseException] = []
 
@@ -204,6 +216,7 @@ class HFEngine(Engine):
         finally:
             cancel.set()  # the consumer stopped early (or a stop string ended the text): stop generating
             thread.join()
+            self.last_stream = (counts[0], counts[1])
         if errors:
             raise errors[0]
 
@@ -223,6 +236,8 @@ class HFEngine(Engine):
         # A fresh config: the model's own generation_config defaults (sampling, penalties) must not leak in.
         g = {"max_new_tokens": params.max_tokens, "eos_token_id": self.eos_ids, "pad_token_id": self.tokenizer.pad_token_id,
              "return_dict_in_generate": True, "output_logits": params.logprobs}
+        if params.ignore_eos:
+            g["min_new_tokens"] = params.max_tokens  # the end-of-sequence token is suppressed until then
         if params.greedy:
             g["do_sample"] = False
         else:

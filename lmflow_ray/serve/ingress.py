@@ -23,6 +23,7 @@ from lmflow_ray.serve.protocol import (
     completion_chunk,
     completion_response,
     new_id,
+    usage_chunk,
     validation_message,
 )
 
@@ -133,7 +134,7 @@ class OpenAIIngress:
     @staticmethod
     def _common(body) -> dict:
         return {"model": body.model, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                "n": body.n, "stop": list(body.stop or []), "seed": body.seed}
+                "n": body.n, "stop": list(body.stop or []), "seed": body.seed, "ignore_eos": body.ignore_eos}
 
     async def _respond(self, body, req: dict, shape):
         server = self._server(body.model)
@@ -146,10 +147,13 @@ class OpenAIIngress:
         first = await self._call(gen.__anext__)
         if "error" in first:
             raise APIError.from_body(first["status"], first["error"])
-        return StreamingResponse(self._events(gen, req["kind"], body.model), media_type="text/event-stream")
+        usage = first["ok"] if body.stream_options and body.stream_options.include_usage else None
+        return StreamingResponse(self._events(gen, req["kind"], body.model, usage), media_type="text/event-stream")
 
     @staticmethod
-    async def _events(gen, kind: str, model: str):
+    async def _events(gen, kind: str, model: str, prompt_tokens: int | None):
+        """Server-sent events of one streamed completion; with `prompt_tokens` (stream_options.include_usage) a
+        last chunk holds the token counts."""
         rid, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
         if kind == "chat":
             yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
@@ -161,6 +165,9 @@ class OpenAIIngress:
                 else:
                     chunk = chat_chunk(rid, model, created, {}, ev["finish_reason"]) if kind == "chat" \
                         else completion_chunk(rid, model, created, "", ev["finish_reason"])
+                    if prompt_tokens is not None:
+                        yield _sse(chunk)
+                        chunk = usage_chunk(rid, model, created, kind, prompt_tokens, ev["tokens"])
                 yield _sse(chunk)
         except Exception as e:  # the status line is sent already: report in-band, as OpenAI does
             err = APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")

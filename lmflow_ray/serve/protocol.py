@@ -58,6 +58,12 @@ def validation_message(error: dict, content_type: str | None) -> tuple[str, str 
     return f"{param}: {error['msg']} (got {error.get('input')!r})", param
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=False)
 
@@ -71,6 +77,10 @@ class _Request(BaseModel):
     seed: int | None = None
     # Strict: OpenAI refuses "yes" or 1 for a boolean; coercing them would hide a client bug.
     stream: StrictBool = False
+    # With stream: {"include_usage": true} adds a last chunk holding the token counts (OpenAI's stream_options).
+    stream_options: StreamOptions | None = None
+    # vLLM's extension: generate up to max_tokens even past the end-of-sequence token.
+    ignore_eos: StrictBool = False
 
     @field_validator("max_tokens")
     @classmethod
@@ -168,6 +178,12 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: s
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
+
+
+def usage_chunk(rid: str, model: str, created: int, kind: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk of a stream that asked for `stream_options: {include_usage: true}`: no choices, the counts."""
+    return {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def choice(c, kind: str, logprobs: bool, decode) -> dict:

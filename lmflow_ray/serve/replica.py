@@ -32,6 +32,11 @@ class ModelServer:
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
+    def __del__(self):  # Serve calls it when it stops the replica
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.shutdown()
+
     # -- request preparation: everything that can be refused is refused before generating
 
     def _prepare(self, req: dict) -> tuple[list[str], int, bool, object]:
@@ -65,7 +70,8 @@ class ModelServer:
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=req["temperature"], top_p=req["top_p"],
                                     top_k=req["top_k"], stop=req["stop"], seed=req["seed"], n=req["n"],
-                                    logprobs=req["logprobs"], top_logprobs=req["top_logprobs"])
+                                    logprobs=req["logprobs"], top_logprobs=req["top_logprobs"],
+                                    ignore_eos=req["ignore_eos"])
         except UserError as e:
             raise APIError(400, e.message) from None
         return prompts, sum(lengths), special, params
@@ -96,7 +102,7 @@ class ModelServer:
                 "prompt_tokens": prompt_tokens}
 
     async def stream(self, req: dict):
-        """First {"ok": prompt_tokens} or {"status", "error"}; then {"text"} pieces; then {"finish_reason"}."""
+        """First {"ok": prompt_tokens} or {"status", "error"}; then {"text"} pieces; then {"finish_reason", "tokens"}."""
         try:
             prompts, prompt_tokens, special, params = self._prepare(req)
             if len(prompts) != 1 or params.n != 1:
@@ -105,8 +111,8 @@ class ModelServer:
             yield {"status": e.status, "error": e.body()}
             return
         yield {"ok": prompt_tokens}
-        async for piece, reason in self.backend.stream(prompts[0], params, self._adapter(req), special):
-            yield {"finish_reason": reason} if reason else {"text": piece}
+        async for item in self.backend.stream(prompts[0], params, self._adapter(req), special):
+            yield {"text": item} if isinstance(item, str) else {"finish_reason": item.reason, "tokens": item.tokens}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def _batched(self, items: list[tuple]) -> list[list[list]]:
@@ -120,7 +126,7 @@ class ModelServer:
         groups: dict[tuple, list[int]] = {}
         for i, (_, params, adapter, special) in enumerate(items):
             key = (adapter, special, params.temperature, params.top_p, params.top_k, tuple(params.stop), params.seed,
-                   params.n, params.logprobs, params.top_logprobs)
+                   params.n, params.logprobs, params.top_logprobs, params.ignore_eos)
             groups.setdefault(key, []).append(i)
         results: list = [None] * len(items)
         t0 = time.perf_counter()
