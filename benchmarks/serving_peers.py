@@ -14,6 +14,7 @@ concurrency req/s, output tokens/s, TTFT, TPOT, p99 inter-token latency; then ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -38,10 +39,12 @@ from ray import serve
 from ray.serve.llm import LLMConfig, build_openai_app
 
 model, port, max_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ray.init(logging_level="ERROR")
+ray.init(num_cpus=8, logging_level="ERROR")  # logical CPUs, as `lmflow-ray serve` starts its cluster
 serve.start(http_options={"host": "127.0.0.1", "port": port})
 config = LLMConfig(model_loading_config={"model_id": "smollm2", "model_source": model},
                    engine_kwargs={"max_model_len": max_len, "dtype": "float32"},
+                   # Its default placement asks for a GPU per engine: one CPU bundle here.
+                   placement_group_config={"bundles": [{"CPU": 1}]},
                    deployment_config={"num_replicas": 1})
 serve.run(build_openai_app({"llm_configs": [config]}), blocking=True)
 """
@@ -74,7 +77,7 @@ def start(side: str, model: str, port: int, max_len: int, kv_gb: int, logs: Path
     else:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
                "smollm2", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len),
-               "--dtype", "float32", "--disable-log-requests"]
+               "--dtype", "float32"]
     log = open(logs / f"{side}.log", "w")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -98,11 +101,14 @@ def wait_ready(proc: subprocess.Popen, port: int, side: str, log: Path, timeout:
 
 
 def stop(proc: subprocess.Popen, side: str) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
+    """Ctrl-C, as a user stops a server in a terminal (the whole process group), then kill what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     if side != "vllm":  # the Ray sides started a local cluster: make sure none of it is left
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
@@ -159,9 +165,9 @@ def main() -> dict:
         finally:
             stop(proc, side)
         result["sides"][side] = entry
-    ours = result["sides"].get("ours", {})
+    ours = result["sides"].get("ours")
     for peer, theirs in result["sides"].items():
-        if peer == "ours" or "error" in theirs or "error" in ours:
+        if ours is None or peer == "ours" or "error" in theirs or "error" in ours:
             continue
         result[f"ours_over_{peer}"] = {f"c{c}": {
             "req_per_s": round(ours[f"c{c}"]["request_throughput"] / theirs[f"c{c}"]["request_throughput"], 3),

@@ -95,3 +95,4 @@ def test_lora_adapter_changes_output_like_peft(smollm2, tmp_path, hf_model):
     ids, _ = hf_greedy(peft_model, tok, prompt, 12)
     base_ids, _ = hf_greedy(hf_model[0], tok, prompt, 12)
     assert c.token_ids == ids and ids != base_ids
+

@@ -30,7 +30,12 @@ def tiny_adapter(tiny_llama, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, smollm2, tiny_llama, tiny_adapter):
+def smol_adapter(smollm2, tmp_path_factory):
+    return random_lora(smollm2, tmp_path_factory.mktemp("adapter") / "smol-lora")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, smollm2, tiny_llama, tiny_adapter, smol_adapter):
     from ray import serve
 
     from lmflow_ray.serve.app import build
@@ -50,7 +55,8 @@ def server(ray_session, smollm2, tiny_llama, tiny_adapter):
         {"name": "tiny", "path": str(tiny_llama), "max_batch_size": 1, "max_ongoing_requests": 1,
          "max_queued_requests": 1, "num_cpus": 0.5, "torch_threads": 1}]})
     vllm = parse_serve_config({"api_key_env": "UNSET_KEY_VAR", "models": [
-        {"name": "smollm2", "path": str(smollm2), "engine": "vllm", "max_model_len": 1024, "kv_cache_gb": 1}]})
+        {"name": "smollm2", "path": str(smollm2), "engine": "vllm", "max_model_len": 1024, "kv_cache_gb": 1,
+         "adapters": {"smol-lora": str(smol_adapter)}}]})
     for name, cfg, prefix in [("main", main, "/"), ("tinyqueue", tiny_queue, "/tinyqueue"), ("vllm", vllm, "/vllm")]:
         serve.run(build(cfg), name=name, route_prefix=prefix, blocking=False)
     yield f"http://127.0.0.1:{port}"
@@ -313,8 +319,30 @@ def test_vllm_app_chat_stream_and_n(server):
     chunks = list(client.completions.create(model="smollm2", prompt="Hello", max_tokens=40, temperature=0, stream=True,
                                             extra_body={"ignore_eos": True}, stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 40 and chunks[-2].choices[0].finish_reason == "length"
+    # The adapter served beside the base by the same engine (a vLLM LoRA request) changes the answer.
+    tuned = _chat(client, model="smol-lora")
+    assert tuned.model == "smol-lora" and tuned.choices[0].message.content != r.choices[0].message.content
     # Concurrent requests share the running batch (continuous batching): 16 at once all succeed.
     bodies = [{"model": "smollm2", "messages": QUESTION, "max_tokens": 8, "temperature": 0}] * 16
     results = asyncio.run(_fire(f"{server}/vllm/v1/chat/completions", bodies))
     assert [s for s, _, _ in results] == [200] * 16
     assert len({b["choices"][0]["message"]["content"] for _, _, b in results}) == 1
+
+
+def test_killed_vllm_replica_leaves_no_engine_core(server):
+    """vLLM's engine core runs in a process of its own beside the replica: when the replica is killed
+    (SIGKILL, as a dying node or Serve's forced stop ends it), that process goes too. Runs last: it
+    removes the vLLM application."""
+    import os
+    import signal
+
+    import psutil
+    from ray import serve
+
+    cores = [p for p in psutil.process_iter(["cmdline"]) if "VLLM::EngineCore" in " ".join(p.info["cmdline"] or [])]
+    replica = {p.ppid() for p in cores}
+    assert len(cores) == 1 and len(replica) == 1, [p.info for p in cores]  # the vLLM app's one replica
+    os.kill(replica.pop(), signal.SIGKILL)
+    serve.delete("vllm")  # no replacement replica
+    _, alive = psutil.wait_procs(cores, timeout=30)
+    assert not alive, [p.pid for p in alive]

@@ -102,6 +102,44 @@ def completion_of(text: str, token_ids: list[int], finish_reason, steps, params:
                       finish_reason="length" if finish_reason == "length" else "stop")
 
 
+# Runs beside a process that started vLLM's engine core: when that process is gone, however it ended (a
+# killed Serve replica, a node stopped with `ray stop`, Ctrl-C reaching the raylet), its pipe to here
+# closes and the engine-core processes it left behind are killed. vLLM's engine core has no watch on
+# its parent of its own: without this it would keep its cores and KV cache until the machine restarts.
+_REAPER = """
+import sys, psutil
+procs = []
+for item in sys.argv[1:]:
+    pid, created = item.split(":")
+    try:
+        p = psutil.Process(int(pid))
+        if abs(p.create_time() - float(created)) < 0.01:
+            procs.append(p)
+    except psutil.NoSuchProcess:
+        pass
+sys.stdin.buffer.read()  # returns at end-of-file: the parent closed the pipe or died
+for p in procs:
+    try:
+        tree = [*p.children(recursive=True), p]
+    except psutil.NoSuchProcess:
+        continue
+    for q in tree:
+        try:
+            q.kill()
+        except psutil.NoSuchProcess:
+            pass
+"""
+
+
+def reap_when_gone(procs: list):
+    """Start the reaper for `procs` (psutil processes this process started); returns it (its stdin is the pipe)."""
+    import subprocess
+    import sys
+
+    args = [f"{p.pid}:{p.create_time()}" for p in procs]
+    return subprocess.Popen([sys.executable, "-c", _REAPER, *args], stdin=subprocess.PIPE, start_new_session=True)
+
+
 class VLLMEngine(Engine):
     def __init__(self, llm, tokenizer, lora_request=None, template: str | None = None):
         self.llm, self.tokenizer, self.lora_request, self.template = llm, tokenizer, lora_request, template
@@ -124,10 +162,15 @@ class VLLMEngine(Engine):
         the caller's request handling never waits for a step."""
         args, tokenizer, lora = cls.engine_args(model, max_model_len, dtype, max_lora_rank, **engine_kwargs)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        import psutil
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return cls(AsyncLLM.from_engine_args(AsyncEngineArgs(**args)), tokenizer, lora, template)
+        before = {p.pid for p in psutil.Process().children()}
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        engine = cls(llm, tokenizer, lora, template)
+        engine.reaper = reap_when_gone([p for p in psutil.Process().children() if p.pid not in before])
+        return engine
 
     @staticmethod
     def engine_args(model, max_model_len: int = 2048, dtype: str | None = None, max_lora_rank: int = 64,

@@ -192,6 +192,7 @@ class VLLMBackend(Backend):
 
     def shutdown(self) -> None:
         self.engine.llm.shutdown()
+        self.engine.reaper.stdin.close()  # nothing left to reap: the reaper exits
 
 
 def make_backend(spec: ModelSpec) -> Backend:
