@@ -50,7 +50,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 400) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"{url} not ready after {timeout} s")
 
 
@@ -76,7 +76,7 @@ def test_lmflow_ray_serve_and_serve_run(tmp_path, repo, tiny_llama, shared_head)
     try:
         _wait_ready(url, proc)
         while "ready in" not in (tmp_path / "serve.log").read_text():
-            time.sleep(1)
+            time.sleep(0.2)
         assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60).status_code == 401
         r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sekret"}, timeout=120)
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text

@@ -58,7 +58,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj) if not isinstance(obj, str) else obj}\n\n"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, servers: dict, owners: dict[str, str], bases: dict[str, str], api_key_env: str):
