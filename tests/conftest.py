@@ -224,11 +224,18 @@ def stop_head(temp: Path) -> None:
     import psutil
 
     procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+    for p in list(procs):  # with their children: the raylet's agents retitle themselves (ray::DashboardAgent)
+        try:
+            procs += [c for c in p.children(recursive=True) if c not in procs]
+        except psutil.NoSuchProcess:
+            pass
     for p in procs:
-        p.terminate()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=5)  # Ray's processes that ignore SIGTERM are killed after
     for p in alive:
-        p.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 SFT = "examples/data/sft_tiny.json"
