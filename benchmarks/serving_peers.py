@@ -65,7 +65,11 @@ print("RESULT " + json.dumps({k: result.get(k) for k in keys}))
 
 
 def start(side: str, model: str, port: int, max_len: int, kv_gb: int, logs: Path) -> subprocess.Popen:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gb), "TOKENIZERS_PARALLELISM": "false"}
+    # The Ray sides start their local cluster under logs/ (RAY_TMPDIR): `stop` finds its processes there and
+    # leaves any other Ray cluster on the machine alone.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gb), "TOKENIZERS_PARALLELISM": "false",
+           "RAY_TMPDIR": str(logs)}
+    env.pop("RAY_ADDRESS", None)
     if side == "ours":
         cfg = logs / "serve.yaml"
         cfg.write_text(json.dumps({"applications": [{"args": {"models": [
@@ -100,8 +104,15 @@ def wait_ready(proc: subprocess.Popen, port: int, side: str, log: Path, timeout:
     raise RuntimeError(f"{side} server not ready in {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen, side: str) -> None:
-    """Ctrl-C, as a user stops a server in a terminal (the whole process group), then kill what is left."""
+def stop(proc: subprocess.Popen, logs: Path) -> None:
+    """Ctrl-C, as a user stops a server in a terminal (the whole process group), then kill what is left of it
+    and of the Ray cluster it started under `logs` (workers retitle themselves: found as children)."""
+    import psutil
+
+    ours = [p for p in psutil.process_iter(["cmdline"]) if str(logs) in " ".join(p.info["cmdline"] or [])]
+    for p in list(ours):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            ours += [c for c in p.children(recursive=True) if c not in ours]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -110,8 +121,9 @@ def stop(proc: subprocess.Popen, side: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    if side != "vllm":  # the Ray sides started a local cluster: make sure none of it is left
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    for p in psutil.wait_procs(ours, timeout=10)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def run_client(port: int, model: str, concurrency: int, n: int, input_len: int, output_len: int, seed: int) -> dict:
@@ -163,7 +175,7 @@ def main() -> dict:
             entry["error"] = f"{type(e).__name__}: {str(e)[-1500:]}"
             print(f"{side}: {entry['error']}", file=sys.stderr, flush=True)
         finally:
-            stop(proc, side)
+            stop(proc, logs)
         result["sides"][side] = entry
     ours = result["sides"].get("ours")
     for peer, theirs in result["sides"].items():
