@@ -10,8 +10,7 @@ files) plus `trainer_state.json` and report it to Ray Train, which gathers them 
 checkpoint directory. A restart (after a worker died, or `resume_from`) reloads the
 engine, optimizer and scheduler, and skips the micro-batches of the current epoch that
 were already consumed. Rank 0 writes `metrics.jsonl`, prints progress, and saves the final
-model in HF format with a probe batch and its logits, which the driver reloads with plain
-transformers to check the logits match.
+model in HF format, then reloads it with plain transformers to check the logits match.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import ray.train
 import torch
 
 from lmflow_ray.models.peft_utils import lisa_select
+from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.tracking import MetricsLog
 from lmflow_ray.train.plan import Plan
 from lmflow_ray.train.step import build_engine, optimizer_step
@@ -100,22 +100,34 @@ def _gather_state_dict(engine, stage: int):
     return engine.module.state_dict()
 
 
-def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe) -> None:
-    """Save OUT/model (HF format) and OUT/save_check.pt (a probe batch and the in-memory model's logits on
-    it). The driver reloads OUT/model with plain transformers in its own process and compares
-    (run.py::check_saved_model): no second copy of the model in the worker, whose memory peaks here."""
+def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe, kind: str = "causal"):
+    """Save OUT/model (HF format) and verify it: reload with transformers, compare logits (or reward scores)."""
     engine.module.eval()
     with torch.no_grad():
         ref = engine(input_ids=probe).logits.float()
     state_dict = _gather_state_dict(engine, stage)
     if rank != 0:
-        return
-    from transformers import AutoTokenizer
+        return None
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = out / "model"
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(model_dir)
+    if is_adapter(model_dir):
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+        if kind == "reward":  # the base's own config has no one-score head: say so
+            reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
+                str(model_dir), dtype=ref.dtype, num_labels=1, pad_token_id=engine.module.config.pad_token_id)
+        else:
+            reloaded = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=ref.dtype)
+    else:
+        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        reloaded = cls.from_pretrained(str(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(input_ids=probe).logits.float()
     torch.save({"input_ids": probe, "logits": ref}, out / "save_check.pt")
+    return float((got - ref).abs().max())
 
 
 class Recipe:
@@ -241,9 +253,12 @@ class Recipe:
             first = next(iter(self.shard.iter_torch_batches(
                 batch_size=1, collate_fn=lambda b: self.task.collate(b, self.plan.pad_id))))
             self.probe = first["input_ids"][:, :64]
-        _save_model(self.engine, self.plan.zero_stage, self.rank, self.out, self.plan.tokenizer_path, self.probe)
+        diff = _save_model(self.engine, self.plan.zero_stage, self.rank, self.out, self.plan.tokenizer_path, self.probe,
+                           self.task.model_kind)
         state = self.state
         final = {"step": state["step"], "epoch": state["epoch"], "final": True, "tokens_seen": state["tokens"]}
+        if self.rank == 0:
+            final["save_check_max_abs_diff"] = diff
         _save_checkpoint(self.engine, dict(state), final, self.rank)
         if self.log is not None:
             self.log.close()

@@ -233,7 +233,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise result.error
     final = dict(result.metrics or {})
     TASKS[task].finish(cfg, out / "model", info, tokenizer.pad_token_id)
-    final["save_check_max_abs_diff"] = check_saved_model(out, TASKS[task].model_kind, tokenizer.pad_token_id)
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
@@ -263,32 +262,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     print(f"[lmflow-ray] done: {out}/model  (steps {final.get('step')}, save check max|Δlogits| "
           f"{final.get('save_check_max_abs_diff')})", flush=True)
     return run
-
-
-def check_saved_model(out: Path, kind: str, pad_id: int | None) -> float:
-    """Reload OUT/model with plain transformers (peft for an adapter) in this process and return the
-    largest |logit difference| to what the trained model gave on the probe batch (OUT/save_check.pt)."""
-    import torch
-
-    probe = torch.load(out / "save_check.pt")
-    model_dir = out / "model"
-    if is_adapter(model_dir):
-        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
-
-        if kind == "reward":  # the base's own config has no one-score head (read at the last non-pad token)
-            reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
-                str(model_dir), dtype=probe["logits"].dtype, num_labels=1, pad_token_id=pad_id)
-        else:
-            reloaded = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=probe["logits"].dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
-        reloaded = cls.from_pretrained(str(model_dir), dtype=torch.float32)
-    reloaded.eval()
-    with torch.no_grad():
-        got = reloaded(input_ids=probe["input_ids"]).logits.float()
-    return float((got - probe["logits"]).abs().max())
 
 
 def _durable(ds, path: str):
