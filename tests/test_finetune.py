@@ -83,8 +83,8 @@ def _rows_of_varied_length(path: Path) -> None:
 
 
 def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny_llama):
-    """2 workers x 2 accumulation steps == hand-computed token mean over the global batch (a per-micro-batch
-    or per-worker mean would differ on these rows of varied length).
+    """2 workers x 2 accumulation steps == hand-computed token mean over the global batch (on these rows of
+    varied length the token mean and the mean of per-row means differ: asserted below).
 
     The run reads the conversations as OpenAI-chat rows from a `datasets.save_to_disk` directory
     (data/shapes.py): its first-step loss is the one computed on the LMFlow JSON instances."""
