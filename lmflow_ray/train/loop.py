@@ -104,7 +104,8 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
     """Save OUT/model (HF format) and verify it: reload with transformers, compare logits (or reward scores)."""
     engine.module.eval()
     with torch.no_grad():
-        ref = engine(input_ids=probe).logits.float()
+        # the probe batch is a CPU tensor (collated rows); the comparison runs on CPU
+        ref = engine(input_ids=probe.to(engine.device)).logits.float().cpu()
     state_dict = _gather_state_dict(engine, stage)
     if rank != 0:
         return None
