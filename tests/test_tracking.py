@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -33,28 +34,46 @@ def tensorboard_scalars(logdir: Path) -> list[tuple[str, int, float]]:
     return out
 
 
-def wandb_history(run_file: Path) -> list[dict]:
-    """The history rows of a W&B run file (a LevelDB-style log of protobuf records after a 7-byte header)."""
+def wandb_history(run_file: Path, wait_s: float = 30.0) -> list[dict]:
+    """The history rows of a W&B run file (a LevelDB-style log of protobuf records after a 7-byte header).
+
+    `wandb.finish()` can return before W&B's service process has written the run's last records (seen
+    with wandb 0.31 when an earlier run in the process started the service): the file is read again
+    until it holds the run's `exit` record, for at most `wait_s` seconds.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, ended = _wandb_records(run_file)
+        if ended or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(run_file: Path) -> tuple[list[dict], bool]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
-    pos, buf, rows = 7, b"", []
+    pos, buf, rows, ended = 7, b"", [], False
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768  # records never straddle a 32 KiB block's 7-byte header
         if left < 7:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])  # crc, length, full/first/middle/last
+        if pos + 7 + length > len(data):  # a record the service is still writing
+            break
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(buf)
-            if record.WhichOneof("record_type") == "history":
+            kind_of = record.WhichOneof("record_type")
+            if kind_of == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+            ended |= kind_of == "exit"
+    return rows, ended
 
 
 def test_rows_reach_tensorboard_mlflow_and_wandb_and_a_resume_continues_the_same_runs(tmp_path, monkeypatch):
