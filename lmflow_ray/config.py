@@ -273,10 +273,35 @@ class TrainingJobConfig(JobConfig):
     resume_from: str | None = None
 
 
+VLM_PARTS = ("projector", "language_model", "vision_tower")
+
+
+class VisionSettings(Strict):
+    """Vision-language tuning on `image_text` data (LLaVA-style; models/vision.py).
+
+    With `vision_tower` set and `model` a causal LM, the run first assembles LM + tower + a new
+    projector into OUT/base_model (a LLaVA directory); with `model` already a LLaVA directory (stage 1's
+    output) it trains that. `trainable` names the parts that learn: stage 1 `[projector]`, stage 2
+    `[projector, language_model]` (or LoRA on the language model with `lora.enabled`)."""
+
+    vision_tower: str | None = None  # a zoo name (tiny-clip) or a CLIP / SigLIP (vision) model directory
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    trainable: list[Literal["projector", "language_model", "vision_tower"]] = ["projector", "language_model"]
+
+    @field_validator("trainable")
+    @classmethod
+    def _some(cls, v):
+        if not v:
+            raise ValueError(f"name at least one part to train: {', '.join(VLM_PARTS)}")
+        return v
+
+
 class FinetuneConfig(TrainingJobConfig):
-    """`lmflow-ray finetune`: continuous pretraining, task/instruction tuning, LoRA, QLoRA, LISA."""
+    """`lmflow-ray finetune`: continuous pretraining, task/instruction tuning, LoRA, QLoRA, LISA; with
+    image_text data, vision-language tuning (`vlm:`)."""
 
     lisa: LisaSettings = LisaSettings()
+    vlm: VisionSettings = VisionSettings()
     # Restarts of the worker group after a worker dies (from the last checkpoint).
     max_failures: AtLeast0 = 0
     # Where Ray Train keeps the checkpoints (default OUT/checkpoints): a pyarrow filesystem URI that every

@@ -162,15 +162,45 @@ def check_instance(dtype: str, inst: Any) -> list[str]:
             problems.append(f"key 'answer': {json.dumps(answer)[:60]} is not one of the {len(choices)} choices "
                             f"(give a choice's text or an index 0-{len(choices) - 1})")
     elif dtype == "image_text":
-        _need_str(inst, "image", problems, allow_empty=False)
+        images = inst.get("image")
+        if "image" not in inst:
+            problems.append("key 'image': missing (an image file path, or a list of them, is required)")
+        elif not (_is_str(images) and images.strip()) and not (
+                isinstance(images, list) and images and all(_is_str(x) and x.strip() for x in images)):
+            problems.append(f"key 'image': expected a file path or a non-empty list of file paths, got "
+                            f"{json.dumps(images)[:80]}")
         if "messages" in inst:
             check_conversation(inst, problems)
         else:
             _need_str(inst, "input", problems)
             _need_str(inst, "output", problems)
+        if not problems:
+            found, wanted = image_placeholders(inst), len(image_list(inst))
+            if found and found != wanted:
+                where = "user turns" if "messages" in inst else "input"
+                problems.append(f"{found} {IMAGE_PLACEHOLDER} placeholder(s) in the {where} for {wanted} image(s); "
+                                f"put one {IMAGE_PLACEHOLDER} per image (or none: the images then go before the "
+                                "first user text)")
     else:
         raise ValueError(f"unknown type {dtype}")
     return problems
+
+
+IMAGE_PLACEHOLDER = "<image>"  # where an image_text instance's image goes in its text
+
+
+def image_list(inst: dict) -> list[str]:
+    """An image_text instance's image paths (`image` is one path or a list)."""
+    images = inst["image"]
+    return [images] if isinstance(images, str) else list(images)
+
+
+def image_placeholders(inst: dict) -> int:
+    """How many image placeholders an image_text instance's user text holds."""
+    if "messages" in inst:
+        return sum(str(m.get("content") or "").count(IMAGE_PLACEHOLDER) for m in inst["messages"]
+                   if m.get("role") == "user")
+    return str(inst.get("input") or "").count(IMAGE_PLACEHOLDER)
 
 
 def _normalize_conversation(conv: dict, for_prompt: bool = False) -> dict:
@@ -234,9 +264,23 @@ def normalize(dtype: str, inst: dict, for_prompt: bool = False) -> dict:
         return {"input": inst["input"], "choices": list(inst["choices"]),
                 "answer": a if isinstance(a, int) else inst["choices"].index(a)}
     if dtype == "image_text":
-        row = {"image": inst["image"], "input": inst.get("input", ""), "output": inst.get("output", "")}
-        conv = _normalize_conversation(inst) if "messages" in inst else {"system": "", "messages": [], "tools": ""}
-        return {**row, **conv}
+        # one shape for both forms: a conversation (input/output become a user and an assistant turn),
+        # with one placeholder per image (none written: they go before the first user text)
+        if "messages" in inst:
+            conv = _normalize_conversation(inst, for_prompt)
+        else:
+            msgs = [{"role": "user", "content": inst["input"]}] + \
+                ([] if for_prompt else [{"role": "assistant", "content": inst["output"]}])
+            conv = {"system": "", "messages": msgs, "tools": ""}
+        images = image_list(inst)
+        if not image_placeholders(conv):
+            msgs = list(conv["messages"])
+            first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+            if first is None:
+                msgs, first = [{"role": "user", "content": ""}] + msgs, 0
+            msgs[first] = {"role": "user", "content": IMAGE_PLACEHOLDER * len(images) + "\n" + msgs[first]["content"]}
+            conv = {**conv, "messages": msgs}
+        return {"image": images, **conv}
     raise ValueError(f"unknown type {dtype}")
 
 
@@ -262,7 +306,7 @@ def arrow_schema(dtype: str):
         "text_to_scored_textlist": [("input", pa.string()),
                                     ("output", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())])))],
         "multiple_choice": [("input", pa.string()), ("choices", pa.list_(pa.string())), ("answer", pa.int64())],
-        "image_text": [("image", pa.string()), ("input", pa.string()), ("output", pa.string()),
-                       ("system", pa.string()), ("messages", pa.list_(msg)), ("tools", pa.string())],
+        "image_text": [("image", pa.list_(pa.string())), ("system", pa.string()), ("messages", pa.list_(msg)),
+                       ("tools", pa.string())],
     }[dtype]
     return pa.schema(fields)

@@ -28,7 +28,9 @@ def _rows_to_table(rows: list[dict], schema):
 
 
 def _blocks(instances, dtype: str, where: str, rows_per_block: int, for_prompt: bool = False,
-            source: DataSource | None = None):
+            source: DataSource | None = None, base: Path | None = None):
+    """Arrow blocks of normalised rows; image_text rows name their images by absolute path (`base`: the
+    directory of their data file, which relative paths start from)."""
     schema = arrow_schema(dtype)
     rows: list[dict] = []
     for index, lineno, inst in instances:
@@ -36,7 +38,10 @@ def _blocks(instances, dtype: str, where: str, rows_per_block: int, for_prompt: 
         if problems:
             loc = f"{where}:{lineno}" if lineno else where
             raise DataError(f"{loc}: instance {index}: {problems[0]}")
-        rows.append(normalize(dtype, inst, for_prompt))
+        row = normalize(dtype, inst, for_prompt)
+        if dtype == "image_text" and base is not None:
+            row["image"] = [str(base / x) for x in row["image"]]  # an absolute path stays as it is
+        rows.append(row)
         if len(rows) >= rows_per_block:
             yield _rows_to_table(rows, schema)
             rows = []
@@ -72,7 +77,8 @@ def _make_read_tasks(src: DataSource, rows_per_block: int, for_prompt: bool = Fa
 
     def task(f, rows, where):
         meta = BlockMetadata(num_rows=None, size_bytes=f.stat().st_size, input_files=[str(f)], exec_stats=None)
-        return ReadTask(lambda: _blocks(rows(), dtype, where, rows_per_block, for_prompt, src), meta, schema=schema)
+        return ReadTask(lambda: _blocks(rows(), dtype, where, rows_per_block, for_prompt, src, f.resolve().parent), meta,
+                        schema=schema)
 
     for f in src.files:
         size = f.stat().st_size

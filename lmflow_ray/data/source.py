@@ -26,7 +26,7 @@ from pathlib import Path
 import ijson
 
 from lmflow_ray.data import shapes
-from lmflow_ray.data.formats import TYPES, check_instance, was_trimmed
+from lmflow_ray.data.formats import TYPES, check_instance, image_list, was_trimmed
 from lmflow_ray.errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow")
@@ -410,14 +410,7 @@ class DataSource:
         inst, problems = shapes.to_instance(self.shape, self.type, row, self.spec.roles)
         problems = problems or check_instance(self.type, inst)
         if not problems and path is not None and self.type == "image_text":
-            image = Path(inst["image"])
-            try:
-                found = (image if image.is_absolute() else path.parent / image).is_file()
-            except (OSError, ValueError):  # a NUL byte, a name too long
-                found = False
-            if not found:
-                problems = [f"key 'image': file {json.dumps(inst['image'])} not found "
-                            f"(paths are relative to {path.parent})"]
+            problems = [p for p in (_image_problem(x, path.parent) for x in image_list(inst)) if p][:1]
         return inst, problems
 
     def instances(self) -> Iterator[dict]:
@@ -428,6 +421,25 @@ class DataSource:
                 if problems:
                     raise DataError(f"{where(f, index, lineno)}: {problems[0]}")
                 yield inst
+
+
+def _image_problem(name: str, base: Path) -> str | None:
+    """What is wrong with an image_text instance's image file (relative to its data file's directory):
+    missing, unreadable, or not an image (its header is read, not the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    image = Path(name)
+    file = image if image.is_absolute() else base / image
+    try:
+        if not file.is_file():
+            return f"key 'image': file {json.dumps(name)} not found (paths are relative to {base})"
+        with Image.open(file) as img:
+            img.size  # noqa: B018 (the header is parsed on open)
+    except UnidentifiedImageError:
+        return f"key 'image': {json.dumps(name)} is not an image file PIL can read (PNG, JPEG, WebP, GIF, BMP, ...)"
+    except (OSError, ValueError) as e:  # no permission, a NUL byte, a name too long
+        return f"key 'image': cannot read {json.dumps(name)} ({type(e).__name__}: {e})"
+    return None
 
 
 def where(path: Path, index: int, lineno: int | None) -> str:

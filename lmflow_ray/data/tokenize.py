@@ -142,3 +142,39 @@ def cached_tokenizer(path: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def expand_image_tokens(example: Example, image_token_id: int, tokens_per_image: int) -> Example:
+    """Each image token of a tokenized example repeated to the positions its image's features fill
+    (not learned)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if token == image_token_id:
+            ids += [token] * tokens_per_image
+            labels += [IGNORE_INDEX] * tokens_per_image
+        else:
+            ids.append(token)
+            labels.append(label)
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_image_text_batch(batch: dict[str, Any], tokenizer, template: str | None, max_length: int,
+                              image_token_id: int, tokens_per_image: int) -> dict[str, list]:
+    """A Ray Data batch of normalised image_text rows as input_ids / labels (each image's placeholder
+    expanded to its feature positions, user turns and images not learned) with the rows' image paths.
+
+    A row cut by `max_length` inside its image positions, or with no learned token left, is dropped:
+    its images would have nowhere to go (the driver reports how many rows were dropped)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "image": []}
+    for row, images in zip(batch_rows(batch, "conversation"), batch["image"]):
+        images = [str(x) for x in images]
+        example = expand_image_tokens(tokenize_conversation(row, tokenizer, template, None), image_token_id,
+                                      tokens_per_image)
+        ids, labels = example["input_ids"][:max_length], example["labels"][:max_length]
+        if ids.count(image_token_id) != len(images) * tokens_per_image or learned_token_count(labels) == 0:
+            continue
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["image"].append(images)
+    return out

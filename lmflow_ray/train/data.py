@@ -67,3 +67,47 @@ def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, templ
     info = {"type": dtype, "rows": rows, "eval_rows": eval_ds.count() if eval_ds else 0, "packing": pack}
     return ds, eval_ds, info
 
+
+
+def _tokenize_image_text(batch, tokenizer_path: str, template: str | None, max_length: int, image_token_id: int,
+                         tokens_per_image: int):
+    from lmflow_ray.data.tokenize import cached_tokenizer, tokenize_image_text_batch
+
+    return tokenize_image_text_batch(batch, cached_tokenizer(tokenizer_path), template, max_length, image_token_id,
+                                     tokens_per_image)
+
+
+def _pixels(batch, processor_path: str):
+    """Ray Data stage: each row's images decoded, resized and normalised (float32, (n, 3, H, W))."""
+    from lmflow_ray.models.vision import pixel_values
+
+    batch["pixel_values"] = [pixel_values([str(x) for x in images], processor_path) for images in batch["image"]]
+    return batch
+
+
+def with_pixels(ds, processor_path: str, batch_size: int = 32):
+    """The rows' images as `pixel_values`, decoded in Ray Data tasks as the rows stream to the training
+    workers (lazy: pixels are never materialised, each epoch decodes again)."""
+    return ds.map_batches(_pixels, fn_args=(processor_path,), batch_format="numpy", batch_size=batch_size)
+
+
+def build_image_text_dataset(path, model_path: str, template: str | None, max_length: int, seed: int,
+                             eval_split: float = 0.0):
+    """(train Dataset, eval Dataset or None, info) of an image_text dataset for a vision-language model
+    (models/vision.py): token rows (materialised, shuffled with the seed) that name their images, then a
+    lazy stage that turns the images into pixels."""
+    from lmflow_ray.data.reader import read_dataset
+    from lmflow_ray.models.vision import image_spec
+
+    spec = image_spec(model_path)
+    ds, dtype = read_dataset(path, "image_text")
+    ds = ds.map_batches(_tokenize_image_text, fn_args=(model_path, template, max_length, spec["image_token_id"],
+                                                       spec["tokens_per_image"]), batch_format="numpy", batch_size=256)
+    ds, eval_ds = split_eval(ds.materialize().random_shuffle(seed=seed).materialize(), eval_split, "rows")
+    rows = ds.count()
+    if rows == 0:
+        raise UserError(f"{path}: no training rows: every conversation was cut by data.max_length={max_length} "
+                        f"before its images' {spec['tokens_per_image']} positions each and an answer; raise it")
+    info = {"type": dtype, "rows": rows, "eval_rows": eval_ds.count() if eval_ds else 0, "packing": False,
+            "tokens_per_image": spec["tokens_per_image"]}
+    return (with_pixels(ds, spec["processor"]), with_pixels(eval_ds, spec["processor"]) if eval_ds else None, info)

@@ -29,7 +29,7 @@ from lmflow_ray.models.zoo import is_adapter
 from lmflow_ray.tracking import MetricsLog
 from lmflow_ray.train.plan import Plan
 from lmflow_ray.train.step import build_engine, optimizer_step
-from lmflow_ray.train.tasks import TASKS
+from lmflow_ray.train.tasks import TASKS, job_kind
 
 CHECKPOINT_TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -100,12 +100,15 @@ def _gather_state_dict(engine, stage: int):
     return engine.module.state_dict()
 
 
-def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe, kind: str = "causal"):
-    """Save OUT/model (HF format) and verify it: reload with transformers, compare logits (or reward scores)."""
+def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, probe: dict, kind: str = "causal"):
+    """Save OUT/model (HF format) and verify it: reload with transformers, compare logits (or reward scores)
+    on `probe` (model inputs, CPU tensors)."""
     engine.module.eval()
+    dtype = next(engine.module.parameters()).dtype
     with torch.no_grad():
-        # the probe batch is a CPU tensor (collated rows); the comparison runs on CPU
-        ref = engine(input_ids=probe.to(engine.device)).logits.float().cpu()
+        # the probe holds CPU tensors (collated rows); the comparison runs on CPU
+        on_device = {k: v.to(engine.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in probe.items()}
+        ref = engine(**on_device).logits.float().cpu()
     state_dict = _gather_state_dict(engine, stage)
     if rank != 0:
         return None
@@ -114,20 +117,32 @@ def _save_model(engine, stage: int, rank: int, out: Path, tokenizer_path: str, p
     model_dir = out / "model"
     engine.module.save_pretrained(model_dir, state_dict=state_dict, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(model_dir)
-    if is_adapter(model_dir):
-        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    if kind == "vlm":  # the image processor and the processor that expands <image> (models/vision.py)
+        from transformers import AutoProcessor
 
-        if kind == "reward":  # the base's own config has no one-score head: say so
+        AutoProcessor.from_pretrained(tokenizer_path).save_pretrained(model_dir)
+    if is_adapter(model_dir):
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification, PeftModel
+
+        if kind == "vlm":
+            from transformers import AutoModelForImageTextToText
+
+            base = AutoModelForImageTextToText.from_pretrained(tokenizer_path, dtype=torch.float32)
+            reloaded = PeftModel.from_pretrained(base, str(model_dir))
+        elif kind == "reward":  # the base's own config has no one-score head: say so
             reloaded = AutoPeftModelForSequenceClassification.from_pretrained(
                 str(model_dir), dtype=ref.dtype, num_labels=1, pad_token_id=engine.module.config.pad_token_id)
         else:
             reloaded = AutoPeftModelForCausalLM.from_pretrained(str(model_dir), dtype=ref.dtype)
     else:
-        cls = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        from transformers import AutoModelForImageTextToText
+
+        cls = {"reward": AutoModelForSequenceClassification, "vlm": AutoModelForImageTextToText}.get(
+            kind, AutoModelForCausalLM)
         reloaded = cls.from_pretrained(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
-        got = reloaded(input_ids=probe).logits.float()
-    torch.save({"input_ids": probe, "logits": ref}, out / "save_check.pt")
+        got = reloaded(**{k: v.float() if v.is_floating_point() else v for k, v in probe.items()}).logits.float()
+    torch.save({**probe, "logits": ref}, out / "save_check.pt")
     return float((got - ref).abs().max())
 
 
@@ -153,7 +168,7 @@ class Recipe:
         self.task.setup(self.engine)
         self.state = _restore(self.engine, plan.resume_checkpoint, self.world, self.rank) \
             or {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
-        self.state["job"] = plan.task  # in every checkpoint: a resume by another job kind is refused
+        self.state["job"] = job_kind(cfg)  # in every checkpoint: a resume by another job kind is refused
         # metrics.jsonl and the trackers `logging:` turns on, on rank 0
         self.log = MetricsLog(self.out, "step", self.state["step"], cfg.logging, args["config"], plan.task) \
             if self.rank == 0 else None
@@ -197,7 +212,7 @@ class Recipe:
                 self.engine.module.train()
                 micro = [next(batches) for _ in range(self.gas)]
                 if self.probe is None:
-                    self.probe = micro[0]["input_ids"][:2, :64].clone()
+                    self.probe = self.task.probe(micro[0])
                 result = optimizer_step(self.engine, self.task, micro, self.world)
                 state["step"] += 1
                 state["step_in_epoch"] += 1
@@ -253,7 +268,7 @@ class Recipe:
         if self.probe is None:  # resumed a finished run: nothing new to train on, probe any batch
             first = next(iter(self.shard.iter_torch_batches(
                 batch_size=1, collate_fn=lambda b: self.task.collate(b, self.plan.pad_id))))
-            self.probe = first["input_ids"][:, :64]
+            self.probe = self.task.probe(first)
         diff = _save_model(self.engine, self.plan.zero_stage, self.rank, self.out, self.plan.tokenizer_path, self.probe,
                            self.task.model_kind)
         state = self.state

@@ -137,7 +137,9 @@ def preflight(cfg: FinetuneConfig) -> dict:
     model_path = resolve_model(cfg.model)
     if is_adapter(model_path):
         raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or train its base")
-    if cfg.lora.enabled or cfg.lisa.enabled:
+    summary = validate(as_spec(cfg.data))
+    vision = _check_vision(cfg, model_path, summary.type)
+    if (cfg.lora.enabled or cfg.lisa.enabled) and not vision:
         from lmflow_ray.models.peft_utils import check_target_modules, decoder_layers, empty_model
 
         skeleton = empty_model(str(model_path), cfg.trust_remote_code)
@@ -145,12 +147,45 @@ def preflight(cfg: FinetuneConfig) -> dict:
             check_target_modules(skeleton, cfg.lora.target_modules)
         else:
             decoder_layers(skeleton)
-    summary = validate(as_spec(cfg.data))
     from lmflow_ray.data.stats import check_first_row
 
     if summary.type in ("conversation", "text2text", "text_only"):
         check_first_row(as_spec(cfg.data), summary.type, str(model_path), cfg.data.template)
-    return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary}
+    return {"model_path": str(model_path), "ds": ds, "resume": resume, "data_summary": summary, "vision": vision}
+
+
+def _check_vision(cfg: FinetuneConfig, model_path: Path, data_type: str) -> dict | None:
+    """For image_text data: the vision-language model to train ({"tower": path} when it is assembled
+    first from `model` + `vlm.vision_tower`, else {}); None for text data. Mismatches are one line."""
+    from lmflow_ray.models.vision import is_vision_tower, is_vlm
+    from lmflow_ray.models.zoo import resolve_model
+
+    vlm = is_vlm(model_path)
+    if data_type != "image_text":
+        if vlm or cfg.vlm.vision_tower:
+            raise UserError(f"{'model ' + cfg.model + ' is a vision-language model' if vlm else 'vlm.vision_tower is set'}"
+                            f" but {cfg.data.path or cfg.data.hf} holds {data_type} data; vision-language tuning "
+                            "trains on image_text data")
+        return None
+    if type(cfg) is not FinetuneConfig:
+        raise UserError("image_text data trains with `lmflow-ray finetune` (vision-language SFT); reward models and "
+                        "DPO take text data")
+    if cfg.lisa.enabled:
+        raise UserError("lisa.enabled does not apply to vision-language tuning; use vlm.trainable (or lora.enabled)")
+    if vlm:
+        if cfg.vlm.vision_tower:
+            raise UserError(f"model {cfg.model} is already a vision-language model (it has its vision tower); remove "
+                            "vlm.vision_tower, or set model to a causal LM to build a new one")
+        return {}
+    if not cfg.vlm.vision_tower:
+        raise UserError(f"{cfg.data.path or cfg.data.hf} holds image_text data and model {cfg.model} is a text model; "
+                        "set vlm.vision_tower (a CLIP / SigLIP vision model, or the zoo's tiny-clip) to build a "
+                        "vision-language model from it, or set model to one (a LLaVA directory)")
+    tower = resolve_model(cfg.vlm.vision_tower)
+    if not is_vision_tower(tower):
+        raise UserError(f"vlm.vision_tower {cfg.vlm.vision_tower}: {tower} is not a CLIP / SigLIP vision model "
+                        "(its config.json model_type should be clip_vision_model, siglip_vision_model, clip or siglip)")
+    return {"tower": str(tower)}
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
@@ -171,22 +206,34 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from lmflow_ray.models.loading import load_tokenizer
     from lmflow_ray.train.loop import train_worker
 
+    out = Path(cfg.output_dir).resolve()
+    task_key = task
+    if pre["vision"] is not None:
+        task_key = "vision-finetune"
+        if pre["vision"].get("tower"):  # LM + vision tower + a new projector, once (a resumed run finds it)
+            from lmflow_ray.models.vision import assemble, is_vlm
+
+            base = out / "base_model"
+            if not is_vlm(base):
+                print(f"[lmflow-ray] assembling a vision-language model: {cfg.model} + {cfg.vlm.vision_tower} + "
+                      f"{cfg.vlm.projector} projector -> {base}", flush=True)
+                assemble(pre["model_path"], pre["vision"]["tower"], cfg.vlm.projector, base, cfg.seed)
+            pre["model_path"] = str(base)
     tokenizer = load_tokenizer(pre["model_path"])
     d = cfg.data
     t, s = cfg.train, cfg.scaling
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and s.use_gpu)
-    dataset, eval_dataset, info, extras = TASKS[task].datasets(cfg, pre["model_path"], tokenizer.pad_token_id, bf16)
+    dataset, eval_dataset, info, extras = TASKS[task_key].datasets(cfg, pre["model_path"], tokenizer.pad_token_id, bf16)
     per_step = t.micro_batch_size * s.num_workers * cfg.gradient_accumulation_steps
     steps_per_epoch = info["rows"] // per_step
     if steps_per_epoch == 0:
         raise UserError(f"{d.path}: {info['rows']} training rows are fewer than one global batch ({per_step}); "
                         "lower train.micro_batch_size / global_batch_size or add data")
     total = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
-    out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     console.log_to(out / "logs")
     plan = Plan(
-        task=task, model_path=pre["model_path"], tokenizer_path=pre["model_path"], output_dir=str(out),
+        task=task_key, model_path=pre["model_path"], tokenizer_path=pre["model_path"], output_dir=str(out),
         ds_config=fill_deepspeed(pre["ds"], cfg, bf16), bf16=bf16, pad_id=tokenizer.pad_token_id,
         resume_checkpoint=str(pre["resume"]) if pre["resume"] else None, has_eval=eval_dataset is not None,
         accumulation=cfg.gradient_accumulation_steps, steps_per_epoch=steps_per_epoch, total_steps=total,
@@ -232,7 +279,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if result.error:
         raise result.error
     final = dict(result.metrics or {})
-    TASKS[task].finish(cfg, out / "model", info, tokenizer.pad_token_id)
+    TASKS[task_key].finish(cfg, out / "model", info, tokenizer.pad_token_id)
     metrics_path = out / "metrics.jsonl"
     if metrics_path.exists():
         rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]

@@ -20,11 +20,11 @@ import torch
 from lmflow_ray.config import DPOConfig, FinetuneConfig, RewardModelConfig
 from lmflow_ray.data.collate import collate
 from lmflow_ray.data.source import as_spec
-from lmflow_ray.models.build import build_model
+from lmflow_ray.models.build import build_model, build_vlm
 from lmflow_ray.models.loading import REWARD_FORMAT_FILE, load_causal_lm, load_value_model
 from lmflow_ray.models.scoring import token_nll_sum
 from lmflow_ray.models.zoo import resolve_model
-from lmflow_ray.train.data import build_token_dataset
+from lmflow_ray.train.data import build_image_text_dataset, build_token_dataset
 from lmflow_ray.train.objectives import (
     dpo_loss,
     k3_kl,
@@ -98,6 +98,10 @@ class Task:
     def report(self, sums: dict, units: float) -> dict:
         return {}
 
+    def probe(self, mb: dict) -> dict:
+        """Inputs from a training micro-batch on which the saved model's outputs are checked."""
+        return {"input_ids": mb["input_ids"][:2, :64].clone()}
+
     def evaluate(self, engine, shard, micro_batch_size: int, pad_id: int) -> dict:
         """Held-out metrics over all workers: loss (and the task's metrics) per unit, prefixed eval_."""
         engine.module.eval()
@@ -116,6 +120,50 @@ class Task:
         if self.unit == "learned_tokens":
             out["eval_ppl"] = math.exp(min(out["eval_loss"], 50.0))
         return out
+
+
+class VisionTask(Task):
+    """Vision-language SFT: `lmflow-ray finetune` on image_text data with a LLaVA model (models/vision.py).
+
+    Rows carry their images as pixels (decoded in Ray Data, train/data.py::with_pixels); the loss is
+    SFT's, over the assistant tokens (image positions and user turns are not learned). Which parts
+    learn is `vlm.trainable` (stage 1: the projector; stage 2: projector + language model)."""
+
+    model_kind = "vlm"
+
+    @classmethod
+    def datasets(cls, cfg, model_path: str, pad_id: int, bf16: bool) -> tuple:
+        d = cfg.data
+        ds, eval_ds, info = build_image_text_dataset(as_spec(d), model_path, d.template, d.max_length, cfg.seed,
+                                                     d.eval_split)
+        return ds, eval_ds, info, {}
+
+    def build_model(self):
+        return build_vlm(self.cfg, self.plan)
+
+    def collate(self, batch, pad_id: int) -> dict:
+        out = collate(batch, pad_id)
+        images = [np.asarray(x, dtype=np.float32) for x in batch["pixel_values"]]
+        out["pixel_values"] = torch.from_numpy(np.concatenate(images))
+        out["image_counts"] = torch.tensor([len(x) for x in images])
+        return out
+
+    @staticmethod
+    def _inputs(engine, mb: dict) -> dict:
+        dtype = next(engine.module.parameters()).dtype
+        return {"input_ids": mb["input_ids"].to(engine.device), "attention_mask": mb["attention_mask"].to(engine.device),
+                "pixel_values": mb["pixel_values"].to(engine.device, dtype=dtype)}
+
+    def loss(self, engine, mb) -> tuple:
+        logits = engine(**self._inputs(engine, mb), use_cache=False).logits
+        nll, _ = token_nll_sum(logits, mb["labels"].to(engine.device))
+        return nll, {}
+
+    def probe(self, mb: dict) -> dict:
+        """The first row whole (a cut could fall inside its image positions) with its images."""
+        n = int(mb["image_counts"][0])
+        width = int(mb["attention_mask"][0].sum())
+        return {"input_ids": mb["input_ids"][:1, :width].clone(), "pixel_values": mb["pixel_values"][:n].clone()}
 
 
 class PairTask(Task):
@@ -368,9 +416,9 @@ class ValueTask(PolicyGradientTask):
 # The one registry of training objectives. The first three are job kinds a user runs
 # (`lmflow-ray finetune | reward-model | dpo`, each with its config class); the RL trainer groups
 # (align/trainer.py) run "finetune" (RAFT), "policy-gradient" and "value" (the PPO family) and
-# "dpo" (iterative DPO).
+# "dpo" (iterative DPO); `lmflow-ray finetune` on image_text data runs "vision-finetune".
 TASKS = {"finetune": Task, "reward-model": RewardTask, "dpo": DPOTask, "policy-gradient": PolicyGradientTask,
-         "value": ValueTask}
+         "value": ValueTask, "vision-finetune": VisionTask}
 JOB_KINDS = ("finetune", "reward-model", "dpo")
 
 
