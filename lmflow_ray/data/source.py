@@ -413,9 +413,9 @@ class DataSource:
             problems = [p for p in (_image_problem(x, path.parent) for x in image_list(inst)) if p][:1]
         return inst, problems
 
-    def instances(self) -> Iterator[dict]:
-        """Every instance, mapped and checked (the first problem raises)."""
-        for f in self.files:
+    def instances(self, file: Path | None = None) -> Iterator[dict]:
+        """Every instance (of one of its files), mapped and checked (the first problem raises)."""
+        for f in [file] if file is not None else self.files:
             for index, lineno, row in self.rows(f):
                 inst, problems = self.instance(row)
                 if problems:

@@ -90,19 +90,41 @@ class TextDeltas:
 
 
 class Engine(ABC):
-    """Prompts in, completions out. Subclasses set `tokenizer` and `template` and implement generate/stream."""
+    """Prompts in, completions out. Subclasses set `tokenizer` and `template` and implement generate/stream.
+
+    `images`: per prompt, the images (PIL images or file paths) its `<image>` placeholders stand for, in
+    order; only an engine whose `accepts_images` is true takes them (a vision-language model)."""
 
     tokenizer = None
     template: str | None = None  # named conversation template; None = the tokenizer's chat_template
+    accepts_images = False
+    name = "engine"  # what errors call it
 
     @abstractmethod
-    def generate(self, prompts: list[str], params: SamplingParams,
-                 add_special_tokens: bool = True) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], params: SamplingParams, add_special_tokens: bool = True,
+                 images: list[list] | None = None) -> list[list[Completion]]:
         """`params.n` completions for each prompt, in prompt order."""
 
     @abstractmethod
-    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True,
+               images: list | None = None) -> Iterator[str]:
         """Text pieces of one completion as they are generated; their join is the completion's text."""
+
+    def check_images(self, prompts: list[str], images: list[list] | None) -> bool:
+        """Whether these prompts come with images; one line when this engine cannot take them or a
+        prompt's placeholders do not match its images."""
+        from lmflow_ray.data.formats import IMAGE_PLACEHOLDER
+
+        if not images or not any(images):
+            return False
+        if not self.accepts_images:
+            raise UserError(f"{self.name}: this model takes text only (it has no vision tower); send the request "
+                            "without images, or serve a vision-language model (a LLaVA directory) with the hf engine")
+        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+            if prompt.count(IMAGE_PLACEHOLDER) != len(imgs):
+                raise UserError(f"prompt {i}: {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                f"for {len(imgs)} image(s); put one placeholder per image")
+        return True
 
     def chat_prompt(self, messages: list[dict], system: str | None = None) -> str:
         """The generation prompt for a conversation: its turns so far, then the assistant header."""
@@ -110,8 +132,8 @@ class Engine(ABC):
 
         return render_prompt(list(messages), system or "", self.template, self.tokenizer)
 
-    def chat(self, conversations: list[list[dict]], params: SamplingParams,
-             system: str | None = None) -> list[list[Completion]]:
+    def chat(self, conversations: list[list[dict]], params: SamplingParams, system: str | None = None,
+             images: list[list] | None = None) -> list[list[Completion]]:
         prompts = [self.chat_prompt(msgs, system) for msgs in conversations]
-        return self.generate(prompts, params, add_special_tokens=False)
+        return self.generate(prompts, params, add_special_tokens=False, images=images)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from lmflow_ray.errors import UserError
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
+from lmflow_ray.models.vision import is_vlm, load_processor, open_image
+from lmflow_ray.models.zoo import base_and_adapter
 
 
 @dataclass
@@ -130,10 +132,14 @@ def _load_with_rope_scaling(model: str | Path, rope_scaling: dict, dtype=None):
 
 
 class HFEngine(Engine):
+    name = "engine hf"
+
     def __init__(self, model, tokenizer, template: str | None = None, draft=None, num_draft_tokens: int = 5,
-                 max_batch_size: int = 16):
+                 max_batch_size: int = 16, processor=None):
         self.model, self.tokenizer, self.template, self.draft = model, tokenizer, template, draft
         self.max_batch_size = max_batch_size
+        self.processor = processor  # a vision-language model's: images + text -> model inputs
+        self.accepts_images = processor is not None
         if draft is not None:
             if draft is model:
                 raise UserError("the draft must be a separate model object (load it again), not the target itself")
@@ -168,27 +174,38 @@ class HFEngine(Engine):
         else:
             m, tok = load_for_generation(model, dtype=dtype)
         draft = load_for_generation(draft_model, dtype=dtype)[0].to(device) if draft_model else None
+        processor = None
+        base, _ = base_and_adapter(str(model))
+        if is_vlm(base):
+            if draft is not None:
+                raise UserError("speculative decoding (a draft model) is for text models; drop the draft model")
+            processor = load_processor(base)
         return cls(m.to(device), tok, template=template, draft=draft, num_draft_tokens=num_draft_tokens,
-                   max_batch_size=max_batch_size)
+                   max_batch_size=max_batch_size, processor=processor)
 
     # ------------------------------------------------------------------ the interface
 
-    def generate(self, prompts: list[str], params: SamplingParams,
-                 add_special_tokens: bool = True) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], params: SamplingParams, add_special_tokens: bool = True,
+                 images: list[list] | None = None) -> list[list[Completion]]:
+        if not self.check_images(prompts, images):
+            images = None
         speculative = self.draft is not None and params.greedy
         size = 1 if speculative else self.max_batch_size
         stats = SpeculationStats() if speculative else None
         out: list[list[Completion]] = []
         for i in range(0, len(prompts), size):
-            out += self._generate_batch(prompts[i:i + size], params, add_special_tokens, stats)
+            out += self._generate_batch(prompts[i:i + size], params, add_special_tokens, stats,
+                                        images[i:i + size] if images else None)
         self.last_speculation = stats
         return out
 
-    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True,
+               images: list | None = None) -> Iterator[str]:
         from transformers import TextIteratorStreamer
 
         if params.n != 1:
             raise UserError(f"streaming gives one completion per prompt; got n={params.n}")
+        batch_images = [list(images)] if self.check_images([prompt], [list(images or [])]) else None
         eos_ids, counts = set(self.eos_ids), [0, False]
 
         class Counting(TextIteratorStreamer):
@@ -204,7 +221,8 @@ class HFEngine(Engine):
 
         def work():
             try:
-                self._run(self._encode([prompt], add_special_tokens), params, streamer=streamer, cancel=cancel)
+                self._run(self._encode([prompt], add_special_tokens, batch_images), params, streamer=streamer,
+                          cancel=cancel)
             except BaseException as e:  # re-raised in the caller's thread below
                 errors.append(e)
                 streamer.end()
@@ -222,9 +240,16 @@ class HFEngine(Engine):
 
     # ------------------------------------------------------------------ internals
 
-    def _encode(self, prompts: list[str], add_special_tokens: bool):
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                             add_special_tokens=add_special_tokens)
+    def _encode(self, prompts: list[str], add_special_tokens: bool, images: list[list] | None = None):
+        if self.processor is not None:  # expands each <image> to its feature positions; pixels for the images
+            flat = [open_image(x) if isinstance(x, str) else x.convert("RGB") for row in (images or []) for x in row]
+            enc = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True,
+                                 padding_side="left", add_special_tokens=add_special_tokens)
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        else:
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                                 add_special_tokens=add_special_tokens)
         empty = [i for i, row in enumerate(enc["attention_mask"]) if int(row.sum()) == 0]
         if empty:
             raise UserError(f"prompt {empty[0]} of this batch is empty after tokenization; give it some text")
@@ -268,10 +293,10 @@ class HFEngine(Engine):
         return out
 
     def _generate_batch(self, prompts: list[str], params: SamplingParams, add_special_tokens: bool,
-                        stats: SpeculationStats | None) -> list[list[Completion]]:
+                        stats: SpeculationStats | None, images: list[list] | None = None) -> list[list[Completion]]:
         import torch
 
-        enc = self._encode(prompts, add_special_tokens)
+        enc = self._encode(prompts, add_special_tokens, images)
         out = self._run(enc, params, stats=stats)
         new = out.sequences[:, enc["input_ids"].shape[1]:]
         logprobs = top = None

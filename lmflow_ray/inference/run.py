@@ -22,7 +22,7 @@ from pathlib import Path
 from lmflow_ray.errors import UserError
 from lmflow_ray.inference import Engine, SamplingParams, make_engine
 
-PROMPT_TYPES = ("text2text", "conversation", "text_only")
+PROMPT_TYPES = ("text2text", "conversation", "text_only", "image_text")
 
 
 def iter_prompts(data: str | Path, engine: Engine) -> Iterator[str]:
@@ -36,8 +36,33 @@ def iter_prompts(data: str | Path, engine: Engine) -> Iterator[str]:
         yield engine.chat_prompt(prompt) if isinstance(prompt, list) else prompt
 
 
-def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def iter_image_prompts(data: str | Path, engine: Engine) -> Iterator[tuple[str, list[str]]]:
+    """(prompt text, absolute image paths) of each image_text instance, in file order."""
+    from lmflow_ray.data.formats import normalize
+    from lmflow_ray.data.source import resolve
+
+    src = resolve(data)
+    for f in src.files:
+        for inst in src.instances(f):
+            row = normalize("image_text", inst, for_prompt=True)
+            yield engine.chat_prompt(row["messages"], row["system"]), [str(f.resolve().parent / x) for x in row["image"]]
+
+
+def _answer_images(eng: Engine, data, params: SamplingParams, batch_size: int, stats: dict):
+    """(input, output, images) triples of an image_text dataset from one engine in this process."""
+    if not eng.accepts_images:
+        raise UserError(f"{data} holds image_text prompts and this model takes text only; infer with a "
+                        "vision-language model (a LLaVA directory, e.g. the output of configs/vlm_stage2.yaml)")
+    for batch in _batches(iter_image_prompts(data, eng), batch_size):
+        results = eng.generate([p for p, _ in batch], params, add_special_tokens=False, images=[i for _, i in batch])
+        stats["tokens"] += sum(len(c.token_ids) for group in results for c in group)
+        for (prompt, images), group in zip(batch, results):
+            for c in group:
+                yield prompt, c.text, images
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -67,15 +92,17 @@ def _answer_local(eng: Engine, data, params: SamplingParams, chat: bool, stream:
                 yield prompt, text
 
 
-def write_text2text(out: Path, pairs, stats: dict) -> None:
-    """Stream (input, output) pairs into OUT atomically: a temp file beside it, hard-linked at the end."""
+def write_text2text(out: Path, pairs, stats: dict, dtype: str = "text2text") -> None:
+    """Stream (input, output) pairs into OUT atomically: a temp file beside it, hard-linked at the end.
+    dtype image_text: (input, output, images) triples, the images kept with each answer."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write('{"type": "text2text", "instances": [\n')
-            for prompt, text in pairs:
-                f.write((",\n" if stats["count"] else "") + json.dumps({"input": prompt, "output": text}, ensure_ascii=False))
+            f.write(f'{{"type": "{dtype}", "instances": [\n')
+            for prompt, text, *images in pairs:
+                row = {"input": prompt, "output": text, **({"image": images[0]} if images else {})}
+                f.write((",\n" if stats["count"] else "") + json.dumps(row, ensure_ascii=False))
                 stats["count"] += 1
             f.write("\n]}\n")
         try:
@@ -108,6 +135,10 @@ def infer(model: str, data: str | Path, out: str | Path, engine: str = "hf", str
         raise UserError(f"--workers must be >= 0 (0 = this process only), got {workers}")
     if stream and (params.n != 1 or workers):
         raise UserError("--stream prints one completion per prompt in this process; use n = 1 and no --workers")
+    images = summary.type == "image_text"
+    if images and (engine != "hf" or workers or stream):
+        raise UserError(f"{data}: image_text prompts are answered by the hf engine in this process (--engine hf, "
+                        "no --workers, no --stream)")
     if engine == "hf":
         engine_kw["max_batch_size"] = batch_size  # vLLM schedules its own batches
     elif workers:  # in this process VLLMEngine.load checks the same, before starting
@@ -119,14 +150,16 @@ def infer(model: str, data: str | Path, out: str | Path, engine: str = "hf", str
     chat = summary.type == "conversation"  # rendered chat text already holds its special tokens
     stats = {"count": 0, "tokens": 0}
     t0 = time.time()
-    if workers:
+    if images:
+        pairs = _answer_images(make_engine(engine, model, **engine_kw), data, params, batch_size, stats)
+    elif workers:
         from lmflow_ray.inference.batch import answer_with_ray
 
         pairs = answer_with_ray(model, data, summary.type, summary.instances, engine, params, batch_size, workers,
                                 engine_kw)
     else:
         pairs = _answer_local(make_engine(engine, model, **engine_kw), data, params, chat, stream, batch_size, stats)
-    write_text2text(out, pairs, stats)
+    write_text2text(out, pairs, stats, "image_text" if images else "text2text")
     rate = f", {stats['tokens'] / (time.time() - t0):.1f} tokens/s" if stats["tokens"] else ""
     print(f"wrote {stats['count']} completions to {out} ({time.time() - t0:.1f} s{rate})", file=sys.stderr)
     return 0

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams, TextDeltas
+from lmflow_ray.models.vision import is_vlm
 from lmflow_ray.models.zoo import adapter_config, base_and_adapter
 
 
@@ -74,6 +75,9 @@ def check_vllm_model(model, on_gpu: bool | None = None) -> None:
     from lmflow_ray.errors import UserError
 
     base, _ = base_and_adapter(model)
+    if is_vlm(base):
+        raise UserError(f"model {model} is a vision-language model; this project runs those on the hf engine "
+                        "(--engine hf, or engine: hf in a serve config)")
     on_gpu = _cuda() if on_gpu is None else on_gpu
     if on_gpu:
         return
@@ -141,6 +145,8 @@ def reap_when_gone(procs: list):
 
 
 class VLLMEngine(Engine):
+    name = "engine vllm"
+
     def __init__(self, llm, tokenizer, lora_request=None, template: str | None = None):
         self.llm, self.tokenizer, self.lora_request, self.template = llm, tokenizer, lora_request, template
 
@@ -220,7 +226,9 @@ class VLLMEngine(Engine):
         """A prompt as vLLM's input: token ids from our tokenizer (special tokens as the caller says)."""
         return {"prompt_token_ids": self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]}
 
-    def generate(self, prompts: list[str], params: SamplingParams, add_special_tokens: bool = True) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], params: SamplingParams, add_special_tokens: bool = True,
+                 images: list[list] | None = None) -> list[list[Completion]]:
+        self.check_images(prompts, images)
         outputs = self.llm.generate([self.prompt_input(p, add_special_tokens) for p in prompts], self.sampling_params(params),
                                     lora_request=self.lora_request, use_tqdm=False)
         return [[self._completion(o, params) for o in out.outputs] for out in outputs]
@@ -229,7 +237,9 @@ class VLLMEngine(Engine):
     def _completion(o, params: SamplingParams) -> Completion:
         return completion_of(o.text, list(o.token_ids), o.finish_reason, o.logprobs, params)
 
-    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True) -> Iterator[str]:
+    def stream(self, prompt: str, params: SamplingParams, add_special_tokens: bool = True,
+               images: list | None = None) -> Iterator[str]:
+        self.check_images([prompt], [list(images or [])])
         engine = self.llm.llm_engine
         request_id = f"stream-{uuid.uuid4().hex}"
         engine.add_request(request_id, self.prompt_input(prompt, add_special_tokens), self.sampling_params(params, n=1),

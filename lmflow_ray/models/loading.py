@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmflow_ray.models.zoo import is_adapter, resolve_model
+from lmflow_ray.models.zoo import base_and_adapter, resolve_model
 
 # Written into a reward model's output dir by `lmflow-ray reward-model`: how pairs were formatted in
 # training, so that scoring (eval/reward.py) formats them the same way.
@@ -64,8 +64,19 @@ def load_for_generation(model: str | Path, dtype=None):
     """(model, tokenizer) for a full model dir, a zoo name, or a LoRA adapter dir (base from its config)."""
     import torch
 
-    path = resolve_model(str(model))
-    if is_adapter(path):
+    from lmflow_ray.models.vision import is_vlm
+
+    base, adapter = base_and_adapter(str(model))
+    path = adapter or base
+    if is_vlm(base):  # a vision-language model (models/vision.py)
+        from transformers import AutoModelForImageTextToText
+
+        m = AutoModelForImageTextToText.from_pretrained(str(base), dtype=dtype or torch.float32, use_safetensors=True)
+        if adapter is not None:
+            from peft import PeftModel
+
+            m = PeftModel.from_pretrained(m, str(adapter))
+    elif adapter is not None:
         from peft import AutoPeftModelForCausalLM
 
         m = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)

@@ -112,20 +112,32 @@ def assemble(lm_path: str, vision_path: str, projector: str, out_dir: Path, seed
     return out_dir
 
 
-def quiet_image_processor(path: str | Path):
-    """The directory's image processor. Without torchvision (it breaks transformers' imports here)
-    transformers falls back to its PIL processor with a warning per load; the warning is muted."""
+def _quiet_load(cls, path: str | Path):
+    """`cls.from_pretrained(path)` without transformers' warning that torchvision is missing (it breaks
+    transformers' imports here; transformers falls back to its PIL image processors)."""
     import logging
-
-    from transformers import AutoImageProcessor
 
     logger = logging.getLogger("transformers")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return AutoImageProcessor.from_pretrained(str(path))
+        return cls.from_pretrained(str(path))
     finally:
         logger.setLevel(level)
+
+
+def quiet_image_processor(path: str | Path):
+    """The directory's image processor (resize, crop, normalise)."""
+    from transformers import AutoImageProcessor
+
+    return _quiet_load(AutoImageProcessor, path)
+
+
+def load_processor(path: str | Path):
+    """A VLM directory's processor: images to pixels, each `<image>` in the text to its feature positions."""
+    from transformers import AutoProcessor
+
+    return _quiet_load(AutoProcessor, path)
 
 
 # ---------------------------------------------------------------------------- images in Ray Data tasks
