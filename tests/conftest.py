@@ -22,7 +22,7 @@ os.environ["LMFLOW_RAY_TEST_API_KEY"] = TEST_API_KEY
 
 
 # Fixtures that make a test end-to-end: the real SmolLM2, or Ray heads and nodes of its own.
-E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster"}
+E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster", "vlm_runs"}
 
 
 def pytest_collection_modifyitems(items):
@@ -266,3 +266,28 @@ def reference_zero2(ray_session, repo, tmp_path_factory, tiny_llama):
     out = tmp_path_factory.mktemp("ref") / "out"
     run_finetune(make_cfg(repo, out))
     return out
+
+
+@pytest.fixture(scope="session")
+def vlm_runs(ray_session, repo, tmp_path_factory, tiny_llama):
+    """LLaVA-style two-stage tuning on synthetic shapes (examples/make_shapes.py: 240 training images,
+    48 held out): stage 1 (configs/vlm_stage1.yaml: projector only, on captions), then stage 2
+    (configs/vlm_stage2.yaml: projector + LM, on questions). Returns {"data", "stage1", "stage2"} dirs."""
+    import importlib.util
+
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config_loading import load_config
+    from lmflow_ray.train.run import run_finetune
+
+    root = tmp_path_factory.mktemp("vlm")
+    spec = importlib.util.spec_from_file_location("make_shapes", repo / "examples" / "make_shapes.py")
+    shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes)
+    files = shapes.make(root / "data", n=240, heldout=48, seed=1)
+    s1, s2 = root / "stage1", root / "stage2"
+    run_finetune(load_config(FinetuneConfig, repo / "configs" / "vlm_stage1.yaml",
+                             [f"output_dir={s1}", f"data.path={files['captions']}", "train.num_epochs=1"]))
+    run_finetune(load_config(FinetuneConfig, repo / "configs" / "vlm_stage2.yaml",
+                             [f"model={s1}", f"output_dir={s2}", f"data.path={files['instructions']}",
+                              "train.num_epochs=4", "train.micro_batch_size=8"]))
+    return {"data": root / "data", "stage1": s1, "stage2": s2, "heldout": files["heldout"]}

@@ -115,16 +115,17 @@ class Engine(ABC):
         prompt's placeholders do not match its images."""
         from lmflow_ray.data.formats import IMAGE_PLACEHOLDER
 
-        if not images or not any(images):
-            return False
-        if not self.accepts_images:
+        given = bool(images and any(images))
+        if given and not self.accepts_images:
             raise UserError(f"{self.name}: this model takes text only (it has no vision tower); send the request "
                             "without images, or serve a vision-language model (a LLaVA directory) with the hf engine")
-        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
-            if prompt.count(IMAGE_PLACEHOLDER) != len(imgs):
-                raise UserError(f"prompt {i}: {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                                f"for {len(imgs)} image(s); put one placeholder per image")
-        return True
+        if self.accepts_images:
+            for i, prompt in enumerate(prompts):
+                n = len(images[i]) if given else 0
+                if prompt.count(IMAGE_PLACEHOLDER) != n:
+                    raise UserError(f"prompt {i}: {prompt.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
+                                    f"for {n} image(s); put one placeholder per image")
+        return given
 
     def chat_prompt(self, messages: list[dict], system: str | None = None) -> str:
         """The generation prompt for a conversation: its turns so far, then the assistant header."""

@@ -43,11 +43,12 @@ class Backend:
         return self.engine.tokenizer
 
     async def generate(self, prompts: list[str], params: SamplingParams, adapter: str | None,
-                       add_special_tokens: bool) -> list[list[Completion]]:
+                       add_special_tokens: bool, images: list[list] | None = None) -> list[list[Completion]]:
+        """`images`: per prompt, its images (only for an engine that `accepts_images`; the replica checks)."""
         raise NotImplementedError
 
     def stream(self, prompt: str, params: SamplingParams, adapter: str | None,
-               add_special_tokens: bool) -> AsyncIterator[str | StreamEnd]:
+               add_special_tokens: bool, images: list | None = None) -> AsyncIterator[str | StreamEnd]:
         """Text pieces as tokens arrive, then a StreamEnd."""
         raise NotImplementedError
 
@@ -93,15 +94,16 @@ class HFBackend(Backend):
             model.set_adapter(adapter or self.own_adapter)
             yield
 
-    def _generate(self, prompts, params, adapter, add_special_tokens):
+    def _generate(self, prompts, params, adapter, add_special_tokens, images=None):
         with self._adapter(adapter):
-            return self.engine.generate(prompts, params, add_special_tokens=add_special_tokens)
+            return self.engine.generate(prompts, params, add_special_tokens=add_special_tokens, images=images)
 
-    async def generate(self, prompts, params, adapter, add_special_tokens):
+    async def generate(self, prompts, params, adapter, add_special_tokens, images=None):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._generate, prompts, params, adapter, add_special_tokens)
+        return await loop.run_in_executor(self.pool, self._generate, prompts, params, adapter, add_special_tokens,
+                                          images)
 
-    async def stream(self, prompt, params, adapter, add_special_tokens):
+    async def stream(self, prompt, params, adapter, add_special_tokens, images=None):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -110,7 +112,7 @@ class HFBackend(Backend):
         def work():
             try:
                 with self._adapter(adapter):
-                    gen = self.engine.stream(prompt, params, add_special_tokens=add_special_tokens)
+                    gen = self.engine.stream(prompt, params, add_special_tokens=add_special_tokens, images=images)
                     for piece in gen:
                         loop.call_soon_threadsafe(pieces.put_nowait, piece)
                         if stop.is_set():
@@ -177,10 +179,10 @@ class VLLMBackend(Backend):
             last = out
         return [completion_of(o.text, list(o.token_ids), o.finish_reason, o.logprobs, params) for o in last.outputs]
 
-    async def generate(self, prompts, params, adapter, add_special_tokens):
+    async def generate(self, prompts, params, adapter, add_special_tokens, images=None):
         return list(await asyncio.gather(*(self._one(p, params, adapter, add_special_tokens) for p in prompts)))
 
-    async def stream(self, prompt, params, adapter, add_special_tokens):
+    async def stream(self, prompt, params, adapter, add_special_tokens, images=None):
         reason, tokens = None, 0
         async for out in self._run(prompt, params, adapter, add_special_tokens):
             o = out.outputs[0]

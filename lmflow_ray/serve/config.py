@@ -89,6 +89,8 @@ class ModelSpec(Strict):
     torch_threads: AtLeast1 | None = None
     # vLLM: CPU KV-cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE).
     kv_cache_gb: AtLeast1 = 2
+    # Vision-language models: the largest image a request may carry (decoded bytes of its data: URL).
+    max_image_bytes: AtLeast1 = 4 << 20
 
     @field_validator("template")
     @classmethod

@@ -119,7 +119,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request):
         self._auth(request)
-        req = {"kind": "chat", "messages": body.plain_messages(), **self._common(body),
+        req = {"kind": "chat", "messages": body.plain_messages(), "images": body.image_urls(), **self._common(body),
                "max_tokens": body.max_completion_tokens or body.max_tokens, "logprobs": body.logprobs,
                "top_logprobs": body.top_logprobs or 0}
         return await self._respond(body, req, chat_response)

@@ -98,19 +98,40 @@ class _Request(BaseModel):
         return stops
 
 
+IMAGE_PLACEHOLDER = "<image>"  # where an image part stands in the text (data/formats.py's placeholder)
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    url: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | ImagePart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """The text, each image part as a placeholder where it stands."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER for p in self.content)
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
 
 
 class ChatRequest(_Request):
@@ -128,6 +149,42 @@ class ChatRequest(_Request):
 
     def plain_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def image_urls(self) -> list[str]:
+        """The image parts' URLs in the order their placeholders stand in the conversation."""
+        return [url for m in self.messages for url in m.image_urls()]
+
+
+def image_from_url(url: str, max_bytes: int, index: int):
+    """A PIL image of a request's `data:` URL (base64 PNG / JPEG / ...); anything else is a 400 that says why.
+    The server never fetches remote URLs."""
+    import base64
+    import binascii
+    import io
+
+    param = f"messages.image_url[{index}]"
+    if url.startswith(("http://", "https://")):
+        raise APIError(400, f"image {index}: remote image URLs are not fetched by this server (no outbound "
+                       "requests); send the image inline as a data: URL (data:image/png;base64,...)", param=param)
+    head, sep, data = url.partition(",")
+    if not (url.startswith("data:") and sep and head.endswith(";base64")):
+        raise APIError(400, f"image {index}: expected a data: URL with base64 content (data:image/png;base64,...), "
+                       f"got {url[:40]!r}", param=param)
+    if len(data) * 3 // 4 > max_bytes + 3:
+        raise APIError(400, f"image {index}: {len(data) * 3 // 4} bytes, above this server's limit of {max_bytes} "
+                       "(max_image_bytes); send a smaller image", param=param)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"image {index}: the data: URL's content is not valid base64", param=param) from None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise APIError(400, f"image {index}: not an image PIL can read ({type(e).__name__}); send PNG or JPEG",
+                       param=param) from None
 
 
 class CompletionRequest(_Request):

@@ -15,7 +15,7 @@ from ray import serve
 
 from lmflow_ray.errors import UserError
 from lmflow_ray.serve.config import ModelSpec
-from lmflow_ray.serve.protocol import APIError, choice
+from lmflow_ray.serve.protocol import APIError, choice, image_from_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -41,17 +41,32 @@ class ModelServer:
 
     # -- request preparation: everything that can be refused is refused before generating
 
-    def _prepare(self, req: dict) -> tuple[list[str], int, bool, object]:
+    def _images(self, req: dict) -> list:
+        """The request's images (a vision-language model's input), decoded; refused in one line otherwise."""
+        urls = req.get("images") or []
+        if not urls:
+            return []
+        if not self.backend.engine.accepts_images:
+            raise APIError(400, f"model {req['model']} takes text only (it has no vision tower); send the request "
+                           "without image_url parts, or to a vision-language model", param="messages")
+        images = [image_from_url(url, self.spec.max_image_bytes, i) for i, url in enumerate(urls)]
+        return images
+
+    def _prepare(self, req: dict) -> tuple[list[str], int, bool, object, list]:
         from lmflow_ray.inference.engine import SamplingParams
 
         tok = self.backend.tokenizer
+        images = self._images(req)
         if req["kind"] == "chat":
             prompts, special = [self.backend.engine.chat_prompt(req["messages"])], False
         else:
             prompts, special = req["prompts"], True
         if not prompts:
             raise APIError(400, "prompt is empty; give at least one prompt", param="prompt")
-        lengths = [len(tok(p, add_special_tokens=special)["input_ids"]) for p in prompts]
+        # an image takes one position per feature; its placeholder is one token of the prompt
+        per_image = getattr(getattr(self.backend.engine.model, "config", None), "image_seq_length", 1)
+        lengths = [len(tok(p, add_special_tokens=special)["input_ids"]) + len(images) * (per_image - 1)
+                   for p in prompts]
         ctx, limit = self.backend.context_len, self.spec.max_tokens_limit
         longest = max(lengths)
         if min(lengths) == 0:
@@ -76,7 +91,7 @@ class ModelServer:
                                     ignore_eos=req["ignore_eos"])
         except UserError as e:
             raise APIError(400, e.message) from None
-        return prompts, sum(lengths), special, params
+        return prompts, sum(lengths), special, params, images
 
     def _adapter(self, req: dict) -> str | None:
         return None if req["model"] == self.spec.name else req["model"]
@@ -88,9 +103,11 @@ class ModelServer:
 
     async def complete(self, req: dict) -> dict:
         try:
-            prompts, prompt_tokens, special, params = self._prepare(req)
+            prompts, prompt_tokens, special, params, images = self._prepare(req)
             adapter = self._adapter(req)
-            if self.spec.engine == "hf":
+            if images:  # one request with its images (dynamic batches hold text requests)
+                groups = await self.backend.generate(prompts, params, adapter, special, images=[images])
+            elif self.spec.engine == "hf":
                 groups = await self._batched((prompts, params, adapter, special))
                 if isinstance(groups, BaseException):
                     raise groups
@@ -106,14 +123,14 @@ class ModelServer:
     async def stream(self, req: dict):
         """First {"ok": prompt_tokens} or {"status", "error"}; then {"text"} pieces; then {"finish_reason", "tokens"}."""
         try:
-            prompts, prompt_tokens, special, params = self._prepare(req)
+            prompts, prompt_tokens, special, params, images = self._prepare(req)
             if len(prompts) != 1 or params.n != 1:
                 raise APIError(400, "streaming returns one completion: use one prompt and n = 1", param="n")
         except APIError as e:
             yield {"status": e.status, "error": e.body()}
             return
         yield {"ok": prompt_tokens}
-        async for item in self.backend.stream(prompts[0], params, self._adapter(req), special):
+        async for item in self.backend.stream(prompts[0], params, self._adapter(req), special, images=images):
             yield {"text": item} if isinstance(item, str) else {"finish_reason": item.reason, "tokens": item.tokens}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)

@@ -81,7 +81,7 @@ def _pixels(batch, processor_path: str):
     """Ray Data stage: each row's images decoded, resized and normalised (float32, (n, 3, H, W))."""
     from lmflow_ray.models.vision import pixel_values
 
-    batch["pixel_values"] = [pixel_values([str(x) for x in images], processor_path) for images in batch["image"]]
+    batch["pixel_values"] = [pixel_values([str(x) for x in images], processor_path) for images in batch.pop("image")]
     return batch
 
 
