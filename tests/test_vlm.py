@@ -14,6 +14,7 @@ from PIL import Image
 
 from lmflow_ray.data.tokenize import IGNORE_INDEX, expand_image_tokens
 
+
 def _tensors(model_dir: Path) -> dict:
     from safetensors.torch import load_file
 
