@@ -127,7 +127,8 @@ class ChatMessage(BaseModel):
         """The text, each image part as a placeholder where it stands."""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER for p in self.content)
+        # an image on a line of its own before its text, as image_text training data puts it
+        return "".join(p.text if isinstance(p, TextPart) else IMAGE_PLACEHOLDER + "\n" for p in self.content)
 
     def image_urls(self) -> list[str]:
         return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
