@@ -117,3 +117,32 @@ def test_image_text_needs_a_vision_model_or_tower(cli, tmp_path, tiny_llama):
                  "--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "is not a CLIP / SigLIP vision model" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_what_learns_in_each_stage_and_with_lora(tmp_path, repo, tiny_llama):
+    """build_vlm freezes by vlm.trainable; LoRA adapters go on the language model only (CLIP towers have
+    q_proj / v_proj too) and the projector trains whole beside them."""
+    from lmflow_ray.config import FinetuneConfig
+    from lmflow_ray.config_loading import load_config
+    from lmflow_ray.models.build import build_vlm
+    from lmflow_ray.models.vision import assemble
+    from lmflow_ray.models.zoo import fetch_model
+    from lmflow_ray.train.plan import Plan
+
+    base = assemble(str(tiny_llama), str(fetch_model("tiny-clip")), "linear", tmp_path / "base")
+    plan = Plan(task="vision-finetune", model_path=str(base), tokenizer_path=str(base), ds_config={}, bf16=False,
+                pad_id=0, total_steps=1, accumulation=1)
+
+    def learning(*sets):
+        cfg = load_config(FinetuneConfig, repo / "configs" / "vlm_stage2.yaml", [f"model={base}", *sets])
+        model = build_vlm(cfg, plan)
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    stage1 = learning("vlm.trainable=[projector]")
+    assert stage1 and all("multi_modal_projector" in n for n in stage1)
+    stage2 = learning()
+    assert any("language_model" in n for n in stage2) and not any("vision_tower" in n for n in stage2)
+    lora = learning("lora.enabled=true", "lora.target_modules=[q_proj,v_proj]")
+    adapters = {n for n in lora if "lora_" in n}
+    assert adapters and all("language_model" in n for n in adapters)
+    assert {n for n in lora - adapters} and all("multi_modal_projector" in n for n in lora - adapters)

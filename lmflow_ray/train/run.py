@@ -139,7 +139,7 @@ def preflight(cfg: FinetuneConfig) -> dict:
         raise UserError(f"model {cfg.model} is a LoRA adapter; merge it first (lmflow-ray merge-lora) or train its base")
     summary = validate(as_spec(cfg.data))
     vision = _check_vision(cfg, model_path, summary.type)
-    if (cfg.lora.enabled or cfg.lisa.enabled) and not vision:
+    if (cfg.lora.enabled or cfg.lisa.enabled) and vision is None:
         from lmflow_ray.models.peft_utils import check_target_modules, decoder_layers, empty_model
 
         skeleton = empty_model(str(model_path), cfg.trust_remote_code)
