@@ -183,6 +183,7 @@ class Recipe:
         self.probe = None  # the first batch's rows: the save check compares logits on them
         self.t0, self.steps_timed = time.time(), 0
         self.window_tokens, self.window_start = 0.0, self.t0  # tokens/s over the steps since the last log line
+        self.window_wait = 0.0  # seconds the loop waited for its micro-batches (data) since the last log line
 
     def _lisa(self) -> None:
         lisa = self.cfg.lisa
@@ -210,7 +211,9 @@ class Recipe:
                 next(batches)  # already trained on before the restart
             while state["step_in_epoch"] < self.plan.steps_per_epoch and not done:
                 self.engine.module.train()
+                fetch = time.perf_counter()
                 micro = [next(batches) for _ in range(self.gas)]
+                self.window_wait += time.perf_counter() - fetch
                 if self.probe is None:
                     self.probe = self.task.probe(micro[0])
                 result = optimizer_step(self.engine, self.task, micro, self.world)
@@ -245,7 +248,7 @@ class Recipe:
             "tokens_per_s": self.window_tokens / max(time.time() - self.window_start, 1e-9),
             self.task.unit: int(result.units),
             "tokens_seen": state["tokens"], "padding_tokens_seen": state.get("padding_tokens", 0),
-            "elapsed_s": elapsed,
+            "elapsed_s": elapsed, "data_wait_s": self.window_wait,
             "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
         if self.lisa_layers is not None:
@@ -261,7 +264,7 @@ class Recipe:
                   f"lr {metrics['lr']:.2e} tok/s {metrics['tokens_per_s']:.0f} eta {eta:.0f}s", flush=True)
         if is_save:
             _save_checkpoint(self.engine, dict(state), metrics, self.rank)
-        self.window_tokens, self.window_start = 0.0, time.time()
+        self.window_tokens, self.window_start, self.window_wait = 0.0, time.time(), 0.0
 
     def save(self) -> None:
         """OUT/model (checked by reloading it) and the final checkpoint."""
