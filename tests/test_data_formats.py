@@ -184,7 +184,9 @@ def test_missing_mapped_column_lists_the_columns_there(tmp_path, cli):
 
 def test_referenced_image_that_is_absent(tmp_path, cli):
     (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "img" / "a.png")  # a real image (a PNG signature alone is refused)
     path = write_jsonl(tmp_path / "d.jsonl", [{"image": "img/a.png", "input": "What is it?", "output": "A cat."},
                                               {"image": "img/b.png", "input": "What is it?", "output": "A dog."}])
     line = one_line_error(cli("data", "validate", str(path), "--type", "image_text"))

@@ -40,7 +40,9 @@ VALID = {
 def with_image(path: Path) -> Path:
     """VALID's image_text instance names img/cat.png beside its file: validation checks it is there."""
     (path.parent / "img").mkdir(exist_ok=True)
-    (path.parent / "img" / "cat.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(path.parent / "img" / "cat.png")  # a real image: its header is read
     return path
 
 
@@ -220,7 +222,7 @@ def test_directory_without_dataset_files(tmp_path):
         ("conversation", {"messages": "Hi"}, "key 'messages': expected an array, got string"),
         ("paired_conversation", {"chosen": CONV, "rejected": {"messages": []}},
          "key 'rejected.messages': empty"),
-        ("image_text", {"image": "", "input": "a", "output": "b"}, "key 'image': empty string"),
+        ("image_text", {"image": "", "input": "a", "output": "b"}, "key 'image': expected a file path"),
         ("text_only", ["not", "an", "object"], "expected an object, got array"),
         ("multiple_choice", {"input": "Q", "choices": ["a", "b"]},
          "key 'answer': missing (the correct choice: its text or its 0-based index)"),

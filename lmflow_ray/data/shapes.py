@@ -148,7 +148,8 @@ def openai_turns(msgs: Any, key: str, problems: list[str]) -> Any:
         if not isinstance(m, dict):
             turns.append(m)
             continue
-        turn = {"role": OPENAI_ROLES.get(m.get("role"), m.get("role")), "content": m.get("content")}
+        role = m.get("role")
+        turn = {"role": OPENAI_ROLES.get(role, role) if isinstance(role, str) else role, "content": m.get("content")}
         content = _text(m.get("content"), f"{key}[{j}].content", problems)
         if problems:
             return msgs
