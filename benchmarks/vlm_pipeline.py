@@ -51,9 +51,10 @@ def make_data(out: Path, n: int, size: int) -> dict:
 
 
 def preprocessing_rate(files: dict, model_dir: str) -> dict:
-    from lmflow_ray.train.data import build_image_text_dataset
+    from lmflow_ray.train.data import build_image_text_dataset, with_pixels
 
     ds, _, info = build_image_text_dataset(str(files["instructions"]), model_dir, None, 64, 0)
+    ds = with_pixels(ds, info["image_processor"])
     for _ in ds.iter_batches(batch_size=64, batch_format="numpy"):  # warm the map workers (imports)
         break
     t0 = time.perf_counter()

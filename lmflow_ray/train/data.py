@@ -94,8 +94,9 @@ def with_pixels(ds, processor_path: str, batch_size: int = 32):
 def build_image_text_dataset(path, model_path: str, template: str | None, max_length: int, seed: int,
                              eval_split: float = 0.0):
     """(train Dataset, eval Dataset or None, info) of an image_text dataset for a vision-language model
-    (models/vision.py): token rows (materialised, shuffled with the seed) that name their images, then a
-    lazy stage that turns the images into pixels."""
+    (models/vision.py): token rows (materialised, shuffled with the seed) that name their images; the
+    training run adds the lazy stage that turns them into pixels (`with_pixels`, with
+    info["image_processor"]) as the rows stream to the workers."""
     from lmflow_ray.data.reader import read_dataset
     from lmflow_ray.models.vision import image_spec
 
@@ -109,5 +110,5 @@ def build_image_text_dataset(path, model_path: str, template: str | None, max_le
         raise UserError(f"{path}: no training rows: every conversation was cut by data.max_length={max_length} "
                         f"before its images' {spec['tokens_per_image']} positions each and an answer; raise it")
     info = {"type": dtype, "rows": rows, "eval_rows": eval_ds.count() if eval_ds else 0, "packing": False,
-            "tokens_per_image": spec["tokens_per_image"]}
-    return (with_pixels(ds, spec["processor"]), with_pixels(eval_ds, spec["processor"]) if eval_ds else None, info)
+            "tokens_per_image": spec["tokens_per_image"], "image_processor": spec["processor"]}
+    return ds, eval_ds, info

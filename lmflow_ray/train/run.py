@@ -172,6 +172,8 @@ def _check_vision(cfg: FinetuneConfig, model_path: Path, data_type: str) -> dict
                         "DPO take text data")
     if cfg.lisa.enabled:
         raise UserError("lisa.enabled does not apply to vision-language tuning; use vlm.trainable (or lora.enabled)")
+    if cfg.data.packing:
+        raise UserError("data.packing does not apply to image_text data (each row keeps its own images); remove it")
     if vlm:
         if cfg.vlm.vision_tower:
             raise UserError(f"model {cfg.model} is already a vision-language model (it has its vision tower); remove "
@@ -253,6 +255,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         dataset = _durable(dataset, f"{storage}/{run_name}/dataset/train")
         if eval_dataset is not None:
             eval_dataset = _durable(eval_dataset, f"{storage}/{run_name}/dataset/eval")
+    # what the task computes as rows stream to the workers (never written out: e.g. image pixels)
+    dataset = TASKS[task_key].streamed(dataset, info)
+    eval_dataset = TASKS[task_key].streamed(eval_dataset, info) if eval_dataset is not None else None
     if cfg.storage_path:  # `resume_from: OUT` finds them there
         (out / STORAGE_FILE).write_text(json.dumps({"checkpoints": f"{storage}/{run_name}"}) + "\n")
     trainer = TorchTrainer(

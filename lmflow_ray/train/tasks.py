@@ -24,7 +24,7 @@ from lmflow_ray.models.build import build_model, build_vlm
 from lmflow_ray.models.loading import REWARD_FORMAT_FILE, load_causal_lm, load_value_model
 from lmflow_ray.models.scoring import token_nll_sum
 from lmflow_ray.models.zoo import resolve_model
-from lmflow_ray.train.data import build_image_text_dataset, build_token_dataset
+from lmflow_ray.train.data import build_image_text_dataset, build_token_dataset, with_pixels
 from lmflow_ray.train.objectives import (
     dpo_loss,
     k3_kl,
@@ -66,6 +66,12 @@ class Task:
         ds, eval_ds, info = build_token_dataset(as_spec(d), d.type, model_path, d.template, d.max_length, d.packing,
                                                 cfg.seed, d.eval_split)
         return ds, eval_ds, info, {}
+
+    @classmethod
+    def streamed(cls, ds, info: dict):
+        """The dataset with what is computed as its rows stream to the workers, after the driver made the
+        rows durable (elastic runs write them to storage; this part is never written)."""
+        return ds
 
     @classmethod
     def finish(cls, cfg, model_dir: Path, info: dict, pad_id: int) -> None:
@@ -137,6 +143,10 @@ class VisionTask(Task):
         ds, eval_ds, info = build_image_text_dataset(as_spec(d), model_path, d.template, d.max_length, cfg.seed,
                                                      d.eval_split)
         return ds, eval_ds, info, {}
+
+    @classmethod
+    def streamed(cls, ds, info: dict):
+        return with_pixels(ds, info["image_processor"])  # decoded as rows stream; only paths are stored
 
     def build_model(self):
         return build_vlm(self.cfg, self.plan)
