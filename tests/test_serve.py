@@ -390,7 +390,9 @@ def test_vlm_names_the_colour_of_an_image_sent_as_a_data_url(server, vlm_runs):
             [[mine]] = local.chat([[{"role": "user", "content": "<image>\nWhat colour is the shape?"}]],
                                   SamplingParams(max_tokens=4), images=[[image]])
             assert answer == mine.text, (answer, mine.text)
-        assert r.usage.prompt_tokens > 16  # the image's 16 positions are prompt tokens
+        # the image's 16 feature positions count as prompt tokens (its placeholder token among them)
+        text = local.chat_prompt([{"role": "user", "content": "<image>\nWhat colour is the shape?"}])
+        assert r.usage.prompt_tokens == len(local.tokenizer(text, add_special_tokens=False)["input_ids"]) + 15
     assert named >= 4, named  # held-out accuracy measured ~0.8 (test_vlm.py); chance is 1/6
 
 
@@ -411,6 +413,25 @@ def test_bad_images_are_400s_that_say_why(server, url, expected):
     with pytest.raises(BadRequestError) as e:
         client.chat.completions.create(model="shapes-vlm", messages=_image_message(url), max_tokens=4)
     assert expected in str(e.value), str(e.value)
+
+
+def test_a_typed_placeholder_and_too_many_images_are_400s(server):
+    from openai import BadRequestError, OpenAI
+    from PIL import Image
+
+    client = OpenAI(base_url=f"{server}/vlm/v1", api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(BadRequestError) as e:  # text only, but "<image>" typed into it
+        client.chat.completions.create(model="shapes-vlm", messages=[{"role": "user", "content": "<image> hi"}],
+                                       max_tokens=4)
+    assert "1 <image> placeholder(s) for 0 image(s)" in str(e.value), str(e.value)
+    url = _data_url(Image.new("RGB", (8, 8)))
+    with pytest.raises(BadRequestError) as e:
+        client.chat.completions.create(model="shapes-vlm", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}] * 9}])
+    assert "9 images in one request, above this server's limit of 8" in str(e.value), str(e.value)
+    # a text request to the vision-language model is answered
+    r = client.chat.completions.create(model="shapes-vlm", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_an_image_to_a_text_model_is_a_400_naming_it(client):

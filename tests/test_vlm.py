@@ -97,6 +97,9 @@ def _dataset(tmp_path: Path, instances: list[dict]) -> Path:
     ({"image": "red.png", "messages": [{"role": "user", "content": "<image><image> q"},
                                        {"role": "assistant", "content": "a"}]}, "2 <image> placeholder(s)"),
     ({"image": [], "input": "q", "output": "a"}, "key 'image': expected a file path or a non-empty list"),
+    ({"image": "red.png", "messages": [{"role": "user", "content": "q"},
+                                       {"role": "assistant", "content": "<image> a"}]},
+     "an <image> placeholder in a assistant turn; images go in user turns"),
 ])
 def test_bad_image_text_instances_are_one_line_naming_file_and_instance(cli, tmp_path, bad, expected):
     good = {"image": "red.png", "input": "What colour?", "output": "red"}
@@ -116,7 +119,29 @@ def test_image_text_needs_a_vision_model_or_tower(cli, tmp_path, tiny_llama):
     result = cli("finetune", "--config", "configs/vlm_stage1.yaml", "--set", "vlm.vision_tower=tiny-llama",
                  "--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "is not a CLIP / SigLIP vision model" in result.stderr, result.stderr
+    result = cli("finetune", "--config", "configs/vlm_stage1.yaml", "--set", "lora.enabled=true",
+                 "--set", f"data.path={data}", "--set", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2 and "add language_model to vlm.trainable" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_siglip_tower_keeps_every_patch(tmp_path, tiny_llama):
+    """SigLIP towers have no CLS feature: all their patches fill the image positions ("full"), where a CLIP
+    tower's first feature is dropped ("default"); the processor expands <image> to match either way."""
+    from transformers import AutoModelForImageTextToText, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from lmflow_ray.models.vision import assemble, image_spec, load_processor
+
+    tower = tmp_path / "siglip"
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(tower)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tower)
+    out = assemble(str(tiny_llama), str(tower), "linear", tmp_path / "vlm")
+    spec = image_spec(out)
+    enc = load_processor(out)(images=[Image.new("RGB", (40, 40))], text=["<image>\nhi"], return_tensors="pt")
+    assert spec["tokens_per_image"] == 16 and int((enc["input_ids"] == spec["image_token_id"]).sum()) == 16
+    logits = AutoModelForImageTextToText.from_pretrained(out)(**enc).logits
+    assert logits.shape[1] == enc["input_ids"].shape[1]
 
 
 def test_what_learns_in_each_stage_and_with_lora(tmp_path, repo, tiny_llama):

@@ -174,6 +174,10 @@ def check_instance(dtype: str, inst: Any) -> list[str]:
         else:
             _need_str(inst, "input", problems)
             _need_str(inst, "output", problems)
+        others = [m.get("role") for m in inst.get("messages") or [] if isinstance(m, dict) and m.get("role") != "user"
+                  and IMAGE_PLACEHOLDER in str(m.get("content") or "")]
+        if not problems and others:
+            problems.append(f"an {IMAGE_PLACEHOLDER} placeholder in a {others[0]} turn; images go in user turns")
         if not problems:
             found, wanted = image_placeholders(inst), len(image_list(inst))
             if found and found != wanted:

@@ -77,7 +77,7 @@ def _make_read_tasks(src: DataSource, rows_per_block: int, for_prompt: bool = Fa
 
     def task(f, rows, where):
         meta = BlockMetadata(num_rows=None, size_bytes=f.stat().st_size, input_files=[str(f)], exec_stats=None)
-        return ReadTask(lambda: _blocks(rows(), dtype, where, rows_per_block, for_prompt, src, f.resolve().parent), meta,
+        return ReadTask(lambda: _blocks(rows(), dtype, where, rows_per_block, for_prompt, src, f.absolute().parent), meta,
                         schema=schema)
 
     for f in src.files:

@@ -425,7 +425,7 @@ class DataSource:
 
 def _image_problem(name: str, base: Path) -> str | None:
     """What is wrong with an image_text instance's image file (relative to its data file's directory):
-    missing, unreadable, or not an image (its header is read, not the pixels)."""
+    missing, unreadable, not an image, or cut short (PIL verifies the file without decoding its pixels)."""
     from PIL import Image, UnidentifiedImageError
 
     image = Path(name)
@@ -434,10 +434,10 @@ def _image_problem(name: str, base: Path) -> str | None:
         if not file.is_file():
             return f"key 'image': file {json.dumps(name)} not found (paths are relative to {base})"
         with Image.open(file) as img:
-            img.size  # noqa: B018 (the header is parsed on open)
+            img.verify()  # reads the file through (a truncated or corrupt one fails) without decoding pixels
     except UnidentifiedImageError:
         return f"key 'image': {json.dumps(name)} is not an image file PIL can read (PNG, JPEG, WebP, GIF, BMP, ...)"
-    except (OSError, ValueError) as e:  # no permission, a NUL byte, a name too long
+    except Exception as e:  # no permission, a NUL byte, a cut-short file (PIL raises OSError or SyntaxError)
         return f"key 'image': cannot read {json.dumps(name)} ({type(e).__name__}: {e})"
     return None
 

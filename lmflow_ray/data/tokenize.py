@@ -164,8 +164,8 @@ def tokenize_image_text_batch(batch: dict[str, Any], tokenizer, template: str | 
     """A Ray Data batch of normalised image_text rows as input_ids / labels (each image's placeholder
     expanded to its feature positions, user turns and images not learned) with the rows' image paths.
 
-    A row cut by `max_length` inside its image positions, or with no learned token left, is dropped:
-    its images would have nowhere to go (the driver reports how many rows were dropped)."""
+    A row cut by `max_length` inside its image positions, or with no learned token left (e.g. its images
+    in a last user turn, which has no answer to learn), comes out empty: the caller counts and drops it."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "image": []}
     for row, images in zip(batch_rows(batch, "conversation"), batch["image"]):
         images = [str(x) for x in images]
@@ -173,7 +173,7 @@ def tokenize_image_text_batch(batch: dict[str, Any], tokenizer, template: str | 
                                       tokens_per_image)
         ids, labels = example["input_ids"][:max_length], example["labels"][:max_length]
         if ids.count(image_token_id) != len(images) * tokens_per_image or learned_token_count(labels) == 0:
-            continue
+            ids, labels = [], []
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["image"].append(images)

@@ -45,7 +45,7 @@ def iter_image_prompts(data: str | Path, engine: Engine) -> Iterator[tuple[str, 
     for f in src.files:
         for inst in src.instances(f):
             row = normalize("image_text", inst, for_prompt=True)
-            yield engine.chat_prompt(row["messages"], row["system"]), [str(f.resolve().parent / x) for x in row["image"]]
+            yield engine.chat_prompt(row["messages"], row["system"]), [str(f.absolute().parent / x) for x in row["image"]]
 
 
 def _answer_images(eng: Engine, data, params: SamplingParams, batch_size: int, stats: dict):

@@ -13,7 +13,8 @@ import random
 from pathlib import Path
 
 from lmflow_ray.errors import UserError
-from lmflow_ray.models.zoo import adapter_config
+from lmflow_ray.models.vision import is_vlm, load_processor
+from lmflow_ray.models.zoo import adapter_config, resolve_model
 
 
 def check_target_modules(model, target_modules: list[str]) -> None:
@@ -29,11 +30,12 @@ def check_target_modules(model, target_modules: list[str]) -> None:
 def empty_model(model_path: str, trust_remote_code: bool = False):
     """The model's module tree without weights (meta device): for config-time checks."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    cls = AutoModelForImageTextToText if is_vlm(model_path) else AutoModelForCausalLM
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def apply_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool,
@@ -130,9 +132,17 @@ def merge_lora(base: str, adapter: str, out: str) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"--out {out}: directory exists and is not empty; choose a new directory")
     adapter_dir = check_adapter_fits(base, adapter)
-    model = load_causal_lm(base, dtype=torch.float32)
+    vlm = is_vlm(resolve_model(base))
+    if vlm:  # a vision-language model's LoRA: merged into its language model; the processor comes along
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(str(resolve_model(base)), dtype=torch.float32)
+    else:
+        model = load_causal_lm(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     load_tokenizer(tok_src).save_pretrained(out_dir)
+    if vlm:
+        load_processor(resolve_model(base)).save_pretrained(out_dir)
     return out_dir

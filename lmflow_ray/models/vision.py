@@ -48,9 +48,9 @@ def image_spec(path: str | Path) -> dict:
     cfg = json.loads((path / "config.json").read_text())
     vision = cfg["vision_config"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    # "default" drops the CLS feature of CLIP-style towers; "full" keeps it
-    extra = 1 if cfg.get("vision_feature_select_strategy", "default") == "full" and "clip" in vision.get(
-        "model_type", "clip") else 0
+    # "default" drops a CLIP tower's CLS feature; "full" keeps every feature (a CLIP tower's CLS too)
+    has_cls = not str(vision.get("model_type", "clip")).startswith("siglip")
+    extra = int(has_cls and cfg.get("vision_feature_select_strategy", "default") == "full")
     return {"image_token_id": cfg["image_token_index"], "tokens_per_image": patches + extra,
             "image_size": vision["image_size"], "processor": str(path)}
 
@@ -82,9 +82,12 @@ def assemble(lm_path: str, vision_path: str, projector: str, out_dir: Path, seed
     lm = AutoModelForCausalLM.from_pretrained(lm_path, dtype=torch.float32)
     tower = AutoModel.from_pretrained(vision_path, dtype=torch.float32)
     vision_config = getattr(tower.config, "vision_config", tower.config)
+    # CLIP towers put a CLS feature first ("default" drops it); SigLIP towers have none ("full" keeps all)
+    has_cls = not vision_config.model_type.startswith("siglip")
+    strategy = "default" if has_cls else "full"
     config = LlavaConfig(vision_config=vision_config.to_dict(), text_config=lm.config.to_dict(),
                          image_token_index=image_id, projector_hidden_act=PROJECTORS[projector],
-                         vision_feature_select_strategy="default", vision_feature_layer=-2,
+                         vision_feature_select_strategy=strategy, vision_feature_layer=-2,
                          image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
                          tie_word_embeddings=lm.config.tie_word_embeddings)
     torch.manual_seed(seed)  # the new projector's initial weights
@@ -104,8 +107,8 @@ def assemble(lm_path: str, vision_path: str, projector: str, out_dir: Path, seed
     model.save_pretrained(out_dir, safe_serialization=True)
     image_processor = quiet_image_processor(vision_path)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision_config.patch_size, vision_feature_select_strategy="default",
-                               image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+                               patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=int(has_cls),
                                chat_template=tokenizer.chat_template)
     processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

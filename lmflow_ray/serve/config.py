@@ -91,6 +91,8 @@ class ModelSpec(Strict):
     kv_cache_gb: AtLeast1 = 2
     # Vision-language models: the largest image a request may carry (decoded bytes of its data: URL).
     max_image_bytes: AtLeast1 = 4 << 20
+    max_image_pixels: AtLeast1 = 16_000_000  # width x height once decoded (a small PNG can hold a huge image)
+    max_images_per_request: AtLeast1 = 8
 
     @field_validator("template")
     @classmethod

@@ -156,7 +156,7 @@ class ChatRequest(_Request):
         return [url for m in self.messages for url in m.image_urls()]
 
 
-def image_from_url(url: str, max_bytes: int, index: int):
+def image_from_url(url: str, max_bytes: int, index: int, max_pixels: int = 16_000_000):
     """A PIL image of a request's `data:` URL (base64 PNG / JPEG / ...); anything else is a 400 that says why.
     The server never fetches remote URLs."""
     import base64
@@ -182,8 +182,11 @@ def image_from_url(url: str, max_bytes: int, index: int):
 
     try:
         with Image.open(io.BytesIO(raw)) as img:
+            if img.width * img.height > max_pixels:  # checked on the header, before decoding
+                raise APIError(400, f"image {index}: {img.width}x{img.height} pixels, above this server's limit of "
+                               f"{max_pixels} (max_image_pixels); send a smaller image", param=param)
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise APIError(400, f"image {index}: not an image PIL can read ({type(e).__name__}); send PNG or JPEG",
                        param=param) from None
 

@@ -15,7 +15,7 @@ from ray import serve
 
 from lmflow_ray.errors import UserError
 from lmflow_ray.serve.config import ModelSpec
-from lmflow_ray.serve.protocol import APIError, choice, image_from_url
+from lmflow_ray.serve.protocol import IMAGE_PLACEHOLDER, APIError, choice, image_from_url
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,8 +49,11 @@ class ModelServer:
         if not self.backend.engine.accepts_images:
             raise APIError(400, f"model {req['model']} takes text only (it has no vision tower); send the request "
                            "without image_url parts, or to a vision-language model", param="messages")
-        images = [image_from_url(url, self.spec.max_image_bytes, i) for i, url in enumerate(urls)]
-        return images
+        if len(urls) > self.spec.max_images_per_request:
+            raise APIError(400, f"{len(urls)} images in one request, above this server's limit of "
+                           f"{self.spec.max_images_per_request} (max_images_per_request)", param="messages")
+        return [image_from_url(url, self.spec.max_image_bytes, i, self.spec.max_image_pixels)
+                for i, url in enumerate(urls)]
 
     def _prepare(self, req: dict) -> tuple[list[str], int, bool, object, list]:
         from lmflow_ray.inference.engine import SamplingParams
@@ -63,10 +66,17 @@ class ModelServer:
             prompts, special = req["prompts"], True
         if not prompts:
             raise APIError(400, "prompt is empty; give at least one prompt", param="prompt")
-        # an image takes one position per feature; its placeholder is one token of the prompt
-        per_image = getattr(getattr(self.backend.engine.model, "config", None), "image_seq_length", 1)
-        lengths = [len(tok(p, add_special_tokens=special)["input_ids"]) + len(images) * (per_image - 1)
-                   for p in prompts]
+        extra = 0
+        if self.backend.engine.accepts_images:
+            # checked per request here: in a dynamic batch one request's mismatch would fail the others
+            found = sum(p.count(IMAGE_PLACEHOLDER) for p in prompts)
+            if found != len(images):
+                raise APIError(400, f"{found} {IMAGE_PLACEHOLDER} placeholder(s) for {len(images)} image(s): each "
+                               f"image_url part stands at its place in the text; do not write {IMAGE_PLACEHOLDER} "
+                               "in the text yourself", param="messages")
+            # an image takes one position per feature; its placeholder is one token of the prompt
+            extra = len(images) * (self.backend.engine.model.config.image_seq_length - 1)
+        lengths = [len(tok(p, add_special_tokens=special)["input_ids"]) + extra for p in prompts]
         ctx, limit = self.backend.context_len, self.spec.max_tokens_limit
         longest = max(lengths)
         if min(lengths) == 0:

@@ -104,11 +104,18 @@ def build_image_text_dataset(path, model_path: str, template: str | None, max_le
     ds, dtype = read_dataset(path, "image_text")
     ds = ds.map_batches(_tokenize_image_text, fn_args=(model_path, template, max_length, spec["image_token_id"],
                                                        spec["tokens_per_image"]), batch_format="numpy", batch_size=256)
-    ds, eval_ds = split_eval(ds.materialize().random_shuffle(seed=seed).materialize(), eval_split, "rows")
+    ds = ds.materialize()
+    total = ds.count()
+    ds = ds.filter(lambda row: len(row["input_ids"]) > 0).materialize()
+    dropped = total - ds.count()
+    why = (f"cut by data.max_length={max_length} inside their images ({spec['tokens_per_image']} positions each) "
+           "or before an answer, or their images only in a last user turn (nothing to learn after them)")
+    if dropped == total:
+        raise UserError(f"{path}: no training rows: all {total} were {why}; raise data.max_length or check the data")
+    if dropped:
+        print(f"[lmflow-ray] dropped {dropped} of {total} image_text rows: {why}", flush=True)
+    ds, eval_ds = split_eval(ds.random_shuffle(seed=seed).materialize(), eval_split, "rows")
     rows = ds.count()
-    if rows == 0:
-        raise UserError(f"{path}: no training rows: every conversation was cut by data.max_length={max_length} "
-                        f"before its images' {spec['tokens_per_image']} positions each and an answer; raise it")
     info = {"type": dtype, "rows": rows, "eval_rows": eval_ds.count() if eval_ds else 0, "packing": False,
             "tokens_per_image": spec["tokens_per_image"], "image_processor": spec["processor"]}
     return ds, eval_ds, info

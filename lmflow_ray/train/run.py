@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -174,6 +175,12 @@ def _check_vision(cfg: FinetuneConfig, model_path: Path, data_type: str) -> dict
         raise UserError("lisa.enabled does not apply to vision-language tuning; use vlm.trainable (or lora.enabled)")
     if cfg.data.packing:
         raise UserError("data.packing does not apply to image_text data (each row keeps its own images); remove it")
+    if cfg.lora.qlora or cfg.rope_scaling:
+        raise UserError(f"{'lora.qlora' if cfg.lora.qlora else 'rope_scaling'} is for text models here; vision-language "
+                        "tuning takes full or LoRA training without it")
+    if cfg.lora.enabled and "language_model" not in cfg.vlm.trainable:
+        raise UserError("lora.enabled puts adapters on the language model, but vlm.trainable leaves it frozen; add "
+                        "language_model to vlm.trainable, or set lora.enabled: false")
     if vlm:
         if cfg.vlm.vision_tower:
             raise UserError(f"model {cfg.model} is already a vision-language model (it has its vision tower); remove "
@@ -213,13 +220,24 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if pre["vision"] is not None:
         task_key = "vision-finetune"
         if pre["vision"].get("tower"):  # LM + vision tower + a new projector, once (a resumed run finds it)
-            from lmflow_ray.models.vision import assemble, is_vlm
+            from lmflow_ray.models.vision import assemble
 
             base = out / "base_model"
-            if not is_vlm(base):
+            parts = {"model": pre["model_path"], "vision_tower": pre["vision"]["tower"], "projector": cfg.vlm.projector,
+                     "seed": cfg.seed}
+            made = base / "vlm_parts.json"
+            if made.is_file() and json.loads(made.read_text()) != parts:
+                raise UserError(f"{base} was assembled from {json.loads(made.read_text())}, this config asks for "
+                                f"{parts}; resume with the run's own settings, or use a new output_dir")
+            if not made.is_file():
                 print(f"[lmflow-ray] assembling a vision-language model: {cfg.model} + {cfg.vlm.vision_tower} + "
                       f"{cfg.vlm.projector} projector -> {base}", flush=True)
-                assemble(pre["model_path"], pre["vision"]["tower"], cfg.vlm.projector, base, cfg.seed)
+                tmp = out / ".base_model.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                assemble(pre["model_path"], pre["vision"]["tower"], cfg.vlm.projector, tmp, cfg.seed)
+                (tmp / "vlm_parts.json").write_text(json.dumps(parts) + "\n")
+                shutil.rmtree(base, ignore_errors=True)
+                os.replace(tmp, base)  # an interrupted assembly never leaves a half model
             pre["model_path"] = str(base)
     tokenizer = load_tokenizer(pre["model_path"])
     d = cfg.data
