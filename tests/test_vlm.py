@@ -143,6 +143,12 @@ def test_a_siglip_tower_keeps_every_patch(tmp_path, tiny_llama):
     logits = AutoModelForImageTextToText.from_pretrained(out)(**enc).logits
     assert logits.shape[1] == enc["input_ids"].shape[1]
 
+    from lmflow_ray.errors import UserError
+    from lmflow_ray.inference.vllm_engine import check_vllm_model
+
+    with pytest.raises(UserError, match="is a vision-language model; this project runs those on the hf engine"):
+        check_vllm_model(str(out))  # before any engine starts
+
 
 def test_what_learns_in_each_stage_and_with_lora(tmp_path, repo, tiny_llama):
     """build_vlm freezes by vlm.trainable; LoRA adapters go on the language model only (CLIP towers have

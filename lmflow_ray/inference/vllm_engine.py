@@ -76,8 +76,11 @@ def check_vllm_model(model, on_gpu: bool | None = None) -> None:
 
     base, _ = base_and_adapter(model)
     if is_vlm(base):
+        # vLLM's LLaVA imports transformers' Pixtral image processor, which needs torchvision: a package that
+        # breaks transformers' imports in this CPU environment, so it is not installed
         raise UserError(f"model {model} is a vision-language model; this project runs those on the hf engine "
-                        "(--engine hf, or engine: hf in a serve config)")
+                        "(--engine hf, or engine: hf in a serve config): vLLM's LLaVA needs torchvision, which "
+                        "the CPU install leaves out")
     on_gpu = _cuda() if on_gpu is None else on_gpu
     if on_gpu:
         return

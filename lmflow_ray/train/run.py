@@ -186,6 +186,10 @@ def _check_vision(cfg: FinetuneConfig, model_path: Path, data_type: str) -> dict
             raise UserError(f"model {cfg.model} is already a vision-language model (it has its vision tower); remove "
                             "vlm.vision_tower, or set model to a causal LM to build a new one")
         return {}
+    model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
+    if model_type and json.loads((model_path / "config.json").read_text()).get("vision_config") is not None:
+        raise UserError(f"model {cfg.model} is a {model_type} vision-language model; vision-language tuning here trains "
+                        "LLaVA models (model_type llava): build one with vlm.vision_tower from a causal LM")
     if not cfg.vlm.vision_tower:
         raise UserError(f"{cfg.data.path or cfg.data.hf} holds image_text data and model {cfg.model} is a text model; "
                         "set vlm.vision_tower (a CLIP / SigLIP vision model, or the zoo's tiny-clip) to build a "
