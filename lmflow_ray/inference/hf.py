@@ -32,7 +32,7 @@ from pathlib import Path
 
 from lmflow_ray.errors import UserError
 from lmflow_ray.inference.engine import Completion, Engine, SamplingParams
-from lmflow_ray.models.vision import is_vlm, load_processor, open_image
+from lmflow_ray.models.vision import as_rgb, is_vlm, load_processor
 from lmflow_ray.models.zoo import base_and_adapter
 
 
@@ -242,7 +242,7 @@ class HFEngine(Engine):
 
     def _encode(self, prompts: list[str], add_special_tokens: bool, images: list[list] | None = None):
         if self.processor is not None:  # expands each <image> to its feature positions; pixels for the images
-            flat = [open_image(x) if isinstance(x, str) else x.convert("RGB") for row in (images or []) for x in row]
+            flat = [as_rgb(x) for row in (images or []) for x in row]
             enc = self.processor(images=flat or None, text=prompts, return_tensors="pt", padding=True,
                                  padding_side="left", add_special_tokens=add_special_tokens)
             if "pixel_values" in enc:

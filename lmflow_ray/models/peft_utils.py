@@ -87,8 +87,6 @@ def check_adapter_fits(base: str, adapter: str) -> Path:
 
     from safetensors import safe_open
 
-    from lmflow_ray.models.zoo import resolve_model
-
     try:
         adapter_dir = resolve_model(adapter)
     except UserError:  # say what an adapter dir must hold, not what a model dir must

@@ -163,12 +163,17 @@ def open_image(path: str):
                         "give a PNG / JPEG / WebP / GIF / BMP file") from None
 
 
+def as_rgb(image):
+    """A file path or a PIL image as an RGB PIL image."""
+    return open_image(image) if isinstance(image, str) else image.convert("RGB")
+
+
 def pixel_values(images: list, processor_path: str):
     """Images (file paths or PIL images) as the vision tower's input: float32 (n, 3, H, W), resized,
     cropped and normalised by the model's own image processor."""
     import numpy as np
 
-    pil = [open_image(x) if isinstance(x, str) else x.convert("RGB") for x in images]
+    pil = [as_rgb(x) for x in images]
     out = _processor(processor_path)(images=pil, return_tensors="np")["pixel_values"]
     return np.asarray(out, dtype=np.float32)
 

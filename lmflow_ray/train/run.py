@@ -186,10 +186,10 @@ def _check_vision(cfg: FinetuneConfig, model_path: Path, data_type: str) -> dict
             raise UserError(f"model {cfg.model} is already a vision-language model (it has its vision tower); remove "
                             "vlm.vision_tower, or set model to a causal LM to build a new one")
         return {}
-    model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
-    if model_type and json.loads((model_path / "config.json").read_text()).get("vision_config") is not None:
-        raise UserError(f"model {cfg.model} is a {model_type} vision-language model; vision-language tuning here trains "
-                        "LLaVA models (model_type llava): build one with vlm.vision_tower from a causal LM")
+    config = json.loads((model_path / "config.json").read_text())
+    if config.get("vision_config") is not None:
+        raise UserError(f"model {cfg.model} is a {config.get('model_type')} vision-language model; vision-language "
+                        "tuning here trains LLaVA models (model_type llava): build one with vlm.vision_tower from a causal LM")
     if not cfg.vlm.vision_tower:
         raise UserError(f"{cfg.data.path or cfg.data.hf} holds image_text data and model {cfg.model} is a text model; "
                         "set vlm.vision_tower (a CLIP / SigLIP vision model, or the zoo's tiny-clip) to build a "
@@ -230,10 +230,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             parts = {"model": pre["model_path"], "vision_tower": pre["vision"]["tower"], "projector": cfg.vlm.projector,
                      "seed": cfg.seed}
             made = base / "vlm_parts.json"
-            if made.is_file() and json.loads(made.read_text()) != parts:
-                raise UserError(f"{base} was assembled from {json.loads(made.read_text())}, this config asks for "
+            earlier = json.loads(made.read_text()) if made.is_file() else None
+            if earlier is not None and earlier != parts:
+                raise UserError(f"{base} was assembled from {earlier}, this config asks for "
                                 f"{parts}; resume with the run's own settings, or use a new output_dir")
-            if not made.is_file():
+            if earlier is None:
                 print(f"[lmflow-ray] assembling a vision-language model: {cfg.model} + {cfg.vlm.vision_tower} + "
                       f"{cfg.vlm.projector} projector -> {base}", flush=True)
                 tmp = out / ".base_model.tmp"
