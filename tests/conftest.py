@@ -22,7 +22,7 @@ os.environ["LMFLOW_RAY_TEST_API_KEY"] = TEST_API_KEY
 
 
 # Fixtures that make a test end-to-end: the real SmolLM2, or Ray heads and nodes of its own.
-E2E_FIXTURES = {"smollm2", "shared_head", "slot_cluster", "vlm_runs"}
+E2E_FIXTURES = {"smollm2", "shared_head", "vlm_runs"}
 
 
 def pytest_collection_modifyitems(items):
@@ -184,13 +184,18 @@ def private_ray_head(num_cpus: int = 8, temp: Path | None = None, resources: dic
 
 @pytest.fixture(scope="session")
 def shared_head():
-    """One private Ray head (8 CPUs, custom resource `trainer_node`) for every test that runs commands
-    against a `ray start` cluster. Yields (env, gcs_address, dashboard_url); in `env`, RAY_TMPDIR points
+    """One private Ray head for every test that runs commands against a `ray start` cluster, and for the
+    two-node tests (test_multinode.py joins a second raylet to it). 8 CPUs; custom resources
+    `trainer_node` (the two-node GRPO run's trainers) and one `slot` (one training worker or replica per
+    node in the node-loss tests). Yields (env, gcs_address, dashboard_url); in `env`, RAY_TMPDIR points
     where its address file lies, as `ray start` leaves it for a user's later commands."""
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    with private_ray_head(num_cpus=8, temp=root / "ray", resources={"trainer_node": 4}) as (env, gcs, dash):
+    # Ray Train waits this long for workers on resources it still counts after their node died (default 60 s).
+    wait = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    with private_ray_head(num_cpus=8, temp=root / "ray", resources={"trainer_node": 4, "slot": 1},
+                          extra_env=wait) as (env, gcs, dash):
         yield {**env, "RAY_TMPDIR": str(root)}, gcs, dash
 
 

@@ -1,6 +1,6 @@
 """Two Ray nodes on this machine: GRPO across nodes; finetuning that loses a node.
 
-GRPO: a private head (node 1, custom resource `trainer_node`) and a second raylet joined to it with
+GRPO: the session's private head (node 1, custom resource `trainer_node`) and a second raylet joined to it with
 `ray start --address` (its own temp dir, custom resource `rollout_node`) form the cluster; the job
 runs as a user runs it, `lmflow-ray ppo` with RAY_ADDRESS. The weights reach the two generation
 actors on node 2 over a gloo broadcast group with trainer rank 0 on node 1
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, make_cfg, private_ray_head, ray_start, stop_head
+from conftest import free_port, make_cfg, ray_start, stop_head
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -87,14 +87,12 @@ def _run_and_check(repo, tmp_path, env, gcs):
     assert rollout not in placement["trainer"]
 
 
-@pytest.fixture(scope="module")
-def slot_cluster():
-    """Head (3 CPUs) + node 2 (2 CPUs), one `slot` each: a training worker per node."""
-    root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-    # Ray Train waits this long for workers on resources it still counts after their node died (default 60 s).
-    wait = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
-    with private_ray_head(num_cpus=3, temp=root / "ray", resources={"slot": 1}, extra_env=wait) as (env, gcs, _):
-        yield {**env, "RAY_ADDRESS": gcs}, gcs
+@pytest.fixture
+def slot_cluster(shared_head):
+    """The session's shared head (one `slot`); each test joins node 2 (one `slot`) to it: a training worker or
+    a replica per node."""
+    env, gcs, _ = shared_head
+    return {**env, "RAY_ADDRESS": gcs}, gcs
 
 
 def _registered_checkpoint(out: Path) -> bool:

@@ -178,8 +178,10 @@ class Recipe:
         self.lisa_layers = None
         if cfg.lisa.enabled:
             self._lisa()
-        self.shard = ray.train.get_dataset_shard("train")
-        self.eval_shard = ray.train.get_dataset_shard("eval") if plan.has_eval else None
+        shards = args.get("shards")  # this worker's share, split on the driver; else Ray Train's streaming split
+        self.shard = shards["train"][self.rank] if shards else ray.train.get_dataset_shard("train")
+        self.eval_shard = None if not plan.has_eval else \
+            shards["eval"][self.rank] if shards else ray.train.get_dataset_shard("eval")
         self.probe = None  # the first batch's rows: the save check compares logits on them
         self.t0, self.steps_timed = time.time(), 0
         self.window_tokens, self.window_start = 0.0, self.t0  # tokens/s over the steps since the last log line
