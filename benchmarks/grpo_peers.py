@@ -50,13 +50,16 @@ cfg = load_config(PPOConfig, f"{repo}/configs/ppo_smollm2.yaml", [
     f"ppo.time_budget_s={budget}", "ppo.iterations=1000", f"ppo.prompts_per_iteration={s['prompts_per_rollout']}",
     f"ppo.samples_per_prompt={s['group']}", f"ppo.kl_coef={s['kl']}", f"generation.max_tokens={s['max_tokens']}",
     f"generation.temperature={s['temperature']}", f"train.lr={s['lr']}", "train.lr_scheduler=constant",
-    f"train.micro_batch_size={s['micro_batch']}", f"train.num_epochs={s['passes']}",
+    f"train.micro_batch_size={s['micro_batch']}", f"train.global_batch_size={s['micro_batch']}",
+    "scaling.num_workers=1", f"train.num_epochs={s['passes']}",
     f"generation.cpus_per_actor={threads}", f"scaling.cpus_per_worker={threads}"])
 t0 = time.time()
 rows = run_ppo(cfg)
 seconds = time.time() - t0
 tokens = sum(r["response_len"] * s["group"] * s["prompts_per_rollout"] for r in rows)
-print("RESULT " + json.dumps({"seconds": seconds, "rollouts": len(rows), "optimizer_steps": 16 * len(rows),
+# one worker, one micro-batch per optimizer step (set above): the same count TRL's side derives
+steps_per_rollout = s["group"] * s["prompts_per_rollout"] // s["micro_batch"] * s["passes"]
+print("RESULT " + json.dumps({"seconds": seconds, "rollouts": len(rows), "optimizer_steps": steps_per_rollout * len(rows),
                               "generated_tokens": tokens, "reward_first": rows[0]["reward_mean"],
                               "reward_last": rows[-1]["reward_mean"], "model": f"{out}/model"}))
 """
