@@ -192,10 +192,13 @@ def shared_head():
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
-    # Ray Train waits this long for workers on resources it still counts after their node died (default 60 s).
-    wait = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+    # Ray Train waits this long for workers on resources it still counts after their node died (default 60 s);
+    # the GCS marks a node that stopped answering (a lost machine: test_multinode.py kills one) dead after
+    # 3 missed 1 s health checks (default 5 x 3 s).
+    fast = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10", "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     with private_ray_head(num_cpus=8, temp=root / "ray", resources={"trainer_node": 4, "slot": 1},
-                          extra_env=wait) as (env, gcs, dash):
+                          extra_env=fast) as (env, gcs, dash):
         yield {**env, "RAY_TMPDIR": str(root)}, gcs, dash
 
 
@@ -224,8 +227,10 @@ def ray_start(args: list[str], temp: Path, env: dict, attempts: int = 3) -> None
     raise RuntimeError(f"`ray start` failed {attempts} times; last output:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
-def stop_head(temp: Path) -> None:
-    """Stop only the head started above (`ray stop` would also kill the session's cluster)."""
+def stop_head(temp: Path, abrupt: bool = False) -> None:
+    """Stop only the head (or node) started above (`ray stop` would also kill the session's cluster).
+    `abrupt`: SIGKILL at once, as a machine that is lost (a stopping raylet first ends its workers
+    in order, which a short run can outlast)."""
     import psutil
 
     procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
@@ -236,7 +241,7 @@ def stop_head(temp: Path) -> None:
             pass
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
+            p.kill() if abrupt else p.terminate()
     _, alive = psutil.wait_procs(procs, timeout=5)  # Ray's processes that ignore SIGTERM are killed after
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -123,7 +123,7 @@ def _finetune_losing_node_2(repo, tmp_path, env, gcs, sets: dict, kill_after_ste
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 if rows and rows[-1]["step"] >= kill_after_step:
                     killed_at = rows[-1]["step"]
-                    stop_head(node2)  # node 2 and the worker on it die
+                    stop_head(node2, abrupt=True)  # node 2 and the worker on it are lost
             time.sleep(0.2)
     log.seek(0)
     assert killed_at is not None, "node 2 was never killed"
@@ -133,7 +133,7 @@ def _finetune_losing_node_2(repo, tmp_path, env, gcs, sets: dict, kill_after_ste
 def test_elastic_finetune_goes_on_after_a_node_dies(repo, tmp_path, tiny_llama, reference_zero2, slot_cluster):
     env, gcs = slot_cluster
     code, text, out, killed_at = _finetune_losing_node_2(repo, tmp_path, env, gcs, {"scaling.num_workers": "[1, 2]"},
-                                                         kill_after_step=6)
+                                                         kill_after_step=4)
     assert code == 0, text[-4000:]
     assert "1-2 worker(s)" in text and "on 1 worker(s)" in text, text[-4000:]  # resumed on the survivor
     assert "checkpoint of 2 workers loaded on 1: weights, schedule and step restored, optimizer state re-partitioned" in text
