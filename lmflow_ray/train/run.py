@@ -277,9 +277,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         # rebuild blocks that crossed from the driver to the workers), so the rows are written once to
         # the run's storage and Ray Train streams them from there, split anew for however many workers
         # a restart has.
-        datasets = {name: _durable(ds, f"{storage}/{run_name}/dataset/{name}") for name, ds in datasets.items()}
-        # what the task computes as rows stream to the workers (never written out: e.g. image pixels)
-        datasets, shards = {name: TASKS[task_key].streamed(ds, info) for name, ds in datasets.items()}, None
+        # (TASKS[...].streamed: what the task computes as rows stream to the workers, never written out:
+        # e.g. image pixels)
+        datasets = {name: TASKS[task_key].streamed(_durable(ds, f"{storage}/{run_name}/dataset/{name}"), info)
+                    for name, ds in datasets.items()}
+        shards = None
     else:
         # A fixed worker count: each worker gets its equal share of the materialized rows up front and
         # iterates it itself. Ray Train's streaming split would start a dataset manager and a split
