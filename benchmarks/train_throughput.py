@@ -18,6 +18,8 @@ the same lr, cosine schedule, clipping 1.0, the same number of torch threads.
   `per_device_train_batch_size` = the project's blocks per step, same lr / schedule / clipping,
   in its own subprocess (`--trl`; needs the `bench` extra: `pip install -e '.[bench]'`).
 
+Each peer saves its trained model at the end (`trainer.save_model`), as the project writes OUT/model.
+
 Figures: real (non-padding) tokens per second of training-loop time (project: the
 dataset's real tokens / `elapsed_s` of the last metrics row; baseline: the same tokens /
 `train_runtime`), padding waste (pad positions / all positions processed), peak RSS of the
@@ -175,6 +177,7 @@ def baseline_main(spec_path: str) -> None:
     )
     trainer = Trainer(model=model, args=targs, train_dataset=Dataset.from_list(examples), data_collator=counting_collator)
     result = trainer.train()
+    trainer.save_model(spec["output_dir"])
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     Path(spec["result"]).write_text(json.dumps({
         "train_runtime_s": result.metrics["train_runtime"], "steps": result.global_step, "pad_counts": counts,
@@ -210,6 +213,7 @@ def trl_main(spec_path: str) -> None:
     packed = trainer.train_dataset
     positions = sum(len(x) for x in packed["input_ids"])
     result = trainer.train()
+    trainer.save_model(spec["output_dir"])  # the run's product, as the project's side writes OUT/model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     Path(spec["result"]).write_text(json.dumps({
         "train_runtime_s": result.metrics["train_runtime"], "steps": result.global_step,

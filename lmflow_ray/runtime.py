@@ -8,7 +8,9 @@ silently (Ray's own `ray.init()` would, through its address file, even a stale o
 the command says it is there and how to use it. On a small machine the local cluster
 advertises more logical CPUs than cores (`LMFLOW_RAY_NUM_CPUS`, default max(8, cores)) so
 trainer workers, generation and reward actors can all be scheduled at once; they share
-the real cores.
+the real cores. The local cluster starts without Ray's dashboard (~3 s of every command's
+start-up and a process polling the cluster); `LMFLOW_RAY_DASHBOARD=1` starts it (on
+127.0.0.1:8265), and a cluster from `ray start --head` has one anyway.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def init_ray(num_cpus: int | None = None):
                   "command starts its own local one. To run on that cluster: RAY_ADDRESS=auto lmflow-ray ...",
                   file=sys.stderr)
         cpus = num_cpus or int(os.environ.get("LMFLOW_RAY_NUM_CPUS", max(8, os.cpu_count() or 2)))
-        ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
+        dashboard = os.environ.get("LMFLOW_RAY_DASHBOARD", "0") not in ("", "0", "false")
+        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, logging_level=logging.WARNING)
     console.attach_ray()
     quiet_ray_data()
     return ray

@@ -108,14 +108,14 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
     from lmflow_ray.models.scoring import token_nll_sum
 
     tok, model = load_tokenizer(tiny_llama), load_causal_lm(tiny_llama)
-    sums, counts, lengths = [], [], []
+    sums, counts, lengths, graph = [], [], [], []
     for inst in json.loads(data.read_text())["instances"]:
         ex = tokenize_conversation(normalize("conversation", inst), tok, None, 128)
         lengths.append(len(ex["input_ids"]))
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits
+        logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits
         s, n = token_nll_sum(logits, torch.tensor([ex["labels"]]))
-        sums.append(float(s))
+        graph.append(s)
+        sums.append(float(s.detach()))
         counts.append(int(n))
     token_mean = sum(sums) / sum(counts)
     mean_of_means = sum(s / n for s, n in zip(sums, counts)) / len(sums)
@@ -124,6 +124,19 @@ def test_loss_is_mean_over_global_batch_tokens(ray_session, tmp_path, repo, tiny
     # tokens_seen counts real tokens only; the pad positions of each pad-to-longest micro-batch apart.
     assert seen[0] == sum(lengths), (seen, lengths)
     assert 0 < seen[1] < sum(max(lengths) - n for n in lengths) + 1, (seen, lengths)
+
+    # The one AdamW step moved each weight by ~lr against the sign of the global batch's mean gradient
+    # (Adam's first step is g / |g|): the workers' gradients were all-reduced (in ZeRO-0's bounded buckets,
+    # train/step.py) before the step; with one worker's gradient alone the signs disagree far more often.
+    (sum(graph) / sum(counts)).backward()
+    trained = load_causal_lm(out / "model").state_dict()
+    agree = total = 0
+    for name, p in model.named_parameters():
+        moved, g = trained[name] - p.detach(), p.grad
+        sure = g.abs() > 1e-6
+        agree += int((torch.sign(moved[sure]) == -torch.sign(g[sure])).sum())
+        total += int(sure.sum())
+    assert total > 0 and agree / total > 0.999, (agree, total)
 
 
 def _train_worker_pids() -> list[int]:

@@ -321,9 +321,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if metrics_path.exists():
         rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
         plot_curves(rows, "step", {"loss": "loss"}, out / "loss.png", "loss (mean over learned tokens)", "training loss")
-    import ray as ray_mod
-    import torch
-    import transformers
+    from importlib.metadata import version  # not the packages themselves: DeepSpeed's import alone is ~2 s
 
     run = {
         "job": task, "config": cfg.model_dump(mode="json"), "resolved_model": pre["model_path"],
@@ -332,9 +330,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                  "eval_rows": info["eval_rows"], "packing": info["packing"], "skipped_pairs": info.get("skipped")},
         "plan": {k: getattr(plan, k) for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
         "deepspeed": plan.ds_config,
-        "versions": {"lmflow_ray": __import__("lmflow_ray").__version__, "ray": ray_mod.__version__,
-                     "torch": torch.__version__, "transformers": transformers.__version__,
-                     "deepspeed": __import__("deepspeed").__version__, "python": platform.python_version()},
+        "versions": {**{name.replace("-", "_"): version(name)
+                        for name in ("lmflow-ray", "ray", "torch", "transformers", "deepspeed")},
+                     "python": platform.python_version()},
         "resumed_from": str(resume) if resume else None,
         "start_time": started, "end_time": time.time(), "final": final,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -64,7 +64,29 @@ def build_engine(task, cfg, ds_config: dict, total_steps: int):
         model=model, model_parameters=task.param_groups(model), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.lr_scheduler, warmup, total_steps)),
         dist_init_required=False)
+    if engine.zero_optimization_stage() == 0:
+        _bounded_allreduce(engine)
     return engine
+
+
+ALLREDUCE_BUCKET_NUMEL = 25_000_000  # 100 MB of fp32 gradients per all-reduce (PyTorch DDP's order of size)
+
+
+def _bounded_allreduce(engine) -> None:
+    """ZeRO-0's gradient all-reduce without a copy of every gradient.
+
+    At stage 0 DeepSpeed flattens the gradients into buckets of 500M elements before each
+    all-reduce: for a model under that size, one contiguous copy of all its gradients (+540 MB
+    for a 135M-parameter model in fp32, the whole gap to TRL's peak RSS in the SFT comparison), and
+    with one worker it copies them for a sum over one rank. One worker: no all-reduce at all (the
+    mean over one rank is the gradient itself). More workers: buckets of ALLREDUCE_BUCKET_NUMEL.
+    """
+    import functools
+
+    if engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
+    else:
+        engine.allreduce_gradients = functools.partial(engine.allreduce_gradients, bucket_size=ALLREDUCE_BUCKET_NUMEL)
 
 
 def all_sum(values: list[float]) -> list[float]:
