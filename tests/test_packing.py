@@ -115,3 +115,22 @@ def test_packed_block_logits_match_samples_alone(tiny_model):
     # The trap the packing docstring warns about: with the config's use_cache=True, forward
     # builds a KV cache, transformers skips packed-sequence detection and samples attend across.
     assert leaks[0] < 1e-4 and max(leaks[1:]) > 1e-3
+
+
+@pytest.mark.parametrize("data, packing", [("examples/data/sft_tiny.json", True),  # whole samples per block
+                                           ("examples/data/pretrain_tiny.json", None)])  # text cut into blocks
+def test_small_data_tokenized_on_the_driver_gives_the_ray_data_rows(ray_session, repo, monkeypatch, data, packing):
+    """A dataset under DRIVER_TOKENIZED instances is tokenized and packed on the driver: the same rows
+    (as a multiset) as Ray Data's tasks make, shuffled the same way by the same seed on every build."""
+    from lmflow_ray.train import data as train_data
+
+    def rows(seed: int) -> list:
+        ds, _, info = train_data.build_token_dataset(str(repo / data), None, str(fetch_model("tiny-llama")), None,
+                                                     64, packing, seed)
+        return [tuple(tuple(np.asarray(r[k]).tolist()) for k in sorted(r)) for r in ds.take_all()]
+
+    here, again, other_seed = rows(3), rows(3), rows(4)
+    monkeypatch.setattr(train_data, "DRIVER_TOKENIZED", 0)
+    in_tasks = rows(3)
+    assert len(here) > 8 and sorted(here) == sorted(in_tasks)
+    assert here == again and here != other_seed
