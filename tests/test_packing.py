@@ -118,19 +118,23 @@ def test_packed_block_logits_match_samples_alone(tiny_model):
 
 
 @pytest.mark.parametrize("data, packing", [("examples/data/sft_tiny.json", True),  # whole samples per block
-                                           ("examples/data/pretrain_tiny.json", None)])  # text cut into blocks
+                                           ("examples/data/preference_tiny.json", "pairs")])  # RM / DPO pairs
 def test_small_data_tokenized_on_the_driver_gives_the_ray_data_rows(ray_session, repo, monkeypatch, data, packing):
     """A dataset under DRIVER_TOKENIZED instances is tokenized and packed on the driver: the same rows
     (as a multiset) as Ray Data's tasks make, shuffled the same way by the same seed on every build."""
     from lmflow_ray.train import data as train_data
+    from lmflow_ray.train.pairs import build_pair_dataset
 
     def rows(seed: int) -> list:
-        ds, _, info = train_data.build_token_dataset(str(repo / data), None, str(fetch_model("tiny-llama")), None,
-                                                     64, packing, seed)
-        return [tuple(tuple(np.asarray(r[k]).tolist()) for k in sorted(r)) for r in ds.take_all()]
+        args = (str(repo / data), None, str(fetch_model("tiny-llama")), None, 64)
+        if packing == "pairs":
+            ds, _, info = build_pair_dataset(*args, seed)
+        else:
+            ds, _, info = train_data.build_token_dataset(*args, packing, seed)
+        return [tuple(tuple(np.asarray(r[k]).reshape(-1).tolist()) for k in sorted(r)) for r in ds.take_all()], info
 
-    here, again, other_seed = rows(3), rows(3), rows(4)
+    (here, info), (again, _), (other_seed, _) = rows(3), rows(3), rows(4)
     monkeypatch.setattr(train_data, "DRIVER_TOKENIZED", 0)
-    in_tasks = rows(3)
-    assert len(here) > 8 and sorted(here) == sorted(in_tasks)
+    in_tasks, info_in_tasks = rows(3)
+    assert len(here) > 8 and sorted(here) == sorted(in_tasks) and info == info_in_tasks
     assert here == again and here != other_seed

@@ -50,16 +50,21 @@ def split_eval(ds, eval_split: float, unit: str):
 DRIVER_TOKENIZED = 2048
 
 
-def _tokenized_here(batch, dtype: str, tokenizer_path: str, template: str | None, trunc: int | None,
-                    block: int | None, seed: int):
-    """The same rows as the Ray Data path (the same `_tokenize` / `_pack`), shuffled with the seed."""
+def small_head(ds) -> dict | None:
+    """All of `ds` as one numpy batch (the format `map_batches` hands its functions) when it holds at
+    most DRIVER_TOKENIZED rows, else None (reads no more than that many rows to find out)."""
+    head = ds.take_batch(DRIVER_TOKENIZED + 1, batch_format="numpy")
+    return head if len(next(iter(head.values()))) <= DRIVER_TOKENIZED else None
+
+
+def shuffled_rows(columns: dict, seed: int, keep=None):
+    """A Ray Dataset of the rows of `columns` (equal-length lists), shuffled with the seed; `keep(row)`
+    filters them first."""
     import numpy as np
     import ray.data
 
-    out = _tokenize(batch, dtype, tokenizer_path, template, trunc)
-    if block:
-        out = _pack(out, block, dtype != "text_only")
-    rows = [dict(zip(out, values)) for values in zip(*out.values())]
+    rows = [row for row in (dict(zip(columns, values)) for values in zip(*columns.values()))
+            if keep is None or keep(row)]
     return ray.data.from_items([rows[i] for i in np.random.default_rng(seed).permutation(len(rows))])
 
 
@@ -74,9 +79,10 @@ def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, templ
     pack = (dtype == "text_only") if packing is None else packing
     # text_only is cut into blocks after tokenizing, so tokenize it whole.
     trunc = None if (dtype == "text_only" and pack) else max_length
-    head = ds.take_batch(DRIVER_TOKENIZED + 1, batch_format="numpy")
-    if len(next(iter(head.values()))) <= DRIVER_TOKENIZED:
-        ds = _tokenized_here(head, dtype, tokenizer_path, template, trunc, max_length if pack else None, seed)
+    head = small_head(ds)
+    if head is not None:  # the same functions as the tasks below, on the driver
+        out = _tokenize(head, dtype, tokenizer_path, template, trunc)
+        ds = shuffled_rows(_pack(out, max_length, dtype != "text_only") if pack else out, seed)
     else:
         ds = ds.map_batches(_tokenize, fn_args=(dtype, tokenizer_path, template, trunc), batch_format="numpy",
                             batch_size=512)

@@ -103,16 +103,23 @@ def build_pair_dataset(path: str, dtype: str | None, tokenizer_path: str, templa
     ds, dtype = read_dataset(path, dtype)
     if dtype not in allowed:
         raise UserError(f"{path}: type '{dtype}' holds no preference pairs for this job; use one of {', '.join(allowed)}")
-    ds = ds.map_batches(_tokenize, fn_args=(dtype, tokenizer_path, template, max_length), batch_format="numpy",
-                        batch_size=256).materialize()
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
-    for b in ds.select_columns(["skip"]).iter_batches(batch_format="numpy", batch_size=4096):
-        for reason in SKIP_REASONS:
-            skipped[reason] += int((b["skip"] == reason).sum())
-    from lmflow_ray.train.data import split_eval
+    from lmflow_ray.train.data import shuffled_rows, small_head, split_eval
 
-    ds = ds.map_batches(_keep, batch_format="numpy", batch_size=4096).materialize().random_shuffle(seed=seed).materialize()
-    ds, eval_ds = split_eval(ds, eval_split, "pairs")
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    head = small_head(ds)
+    if head is not None:  # a small dataset: the same tokenization on the driver (train/data.py)
+        out = _tokenize(head, dtype, tokenizer_path, template, max_length)
+        for reason in SKIP_REASONS:
+            skipped[reason] += out["skip"].count(reason)
+        ds = shuffled_rows(out, seed, keep=lambda row: not row.pop("skip"))
+    else:
+        ds = ds.map_batches(_tokenize, fn_args=(dtype, tokenizer_path, template, max_length), batch_format="numpy",
+                            batch_size=256).materialize()
+        for b in ds.select_columns(["skip"]).iter_batches(batch_format="numpy", batch_size=4096):
+            for reason in SKIP_REASONS:
+                skipped[reason] += int((b["skip"] == reason).sum())
+        ds = ds.map_batches(_keep, batch_format="numpy", batch_size=4096).materialize().random_shuffle(seed=seed)
+    ds, eval_ds = split_eval(ds.materialize(), eval_split, "pairs")
     rows = ds.count()
     if rows == 0:
         raise UserError(f"{path}: no usable pairs (skipped: {skipped}); check that chosen and rejected differ "
