@@ -13,6 +13,8 @@ other (see data/packing.py).
 
 from __future__ import annotations
 
+import math
+
 from lmflow_ray.errors import UserError
 
 TRAINABLE_TYPES = ("text_only", "text2text", "conversation", "multiple_choice")  # multiple_choice as text2text
@@ -65,7 +67,10 @@ def shuffled_rows(columns: dict, seed: int, keep=None):
 
     rows = [row for row in (dict(zip(columns, values)) for values in zip(*columns.values()))
             if keep is None or keep(row)]
-    return ray.data.from_items([rows[i] for i in np.random.default_rng(seed).permutation(len(rows))])
+    # Blocks of ~16 MiB of token ids (the reader's block size; from_items would make one block per row).
+    size = 8 * sum(len(v) for row in rows for v in row.values() if isinstance(v, (list, np.ndarray)))
+    return ray.data.from_items([rows[i] for i in np.random.default_rng(seed).permutation(len(rows))],
+                               override_num_blocks=max(1, min(len(rows), math.ceil(size / (16 << 20)))))
 
 
 def build_token_dataset(path: str, dtype: str | None, tokenizer_path: str, template: str | None,
