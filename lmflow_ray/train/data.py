@@ -55,7 +55,10 @@ DRIVER_TOKENIZED = 2048
 def small_head(ds) -> dict | None:
     """All of `ds` as one numpy batch (the format `map_batches` hands its functions) when it holds at
     most DRIVER_TOKENIZED rows, else None (reads no more than that many rows to find out)."""
-    head = ds.take_batch(DRIVER_TOKENIZED + 1, batch_format="numpy")
+    try:
+        head = ds.take_batch(DRIVER_TOKENIZED + 1, batch_format="numpy")
+    except ValueError:  # no rows at all: the Ray Data path finds none either and says so
+        return None
     return head if len(next(iter(head.values()))) <= DRIVER_TOKENIZED else None
 
 

@@ -76,10 +76,10 @@ def _bounded_allreduce(engine) -> None:
     """ZeRO-0's gradient all-reduce without a copy of every gradient.
 
     At stage 0 DeepSpeed flattens the gradients into buckets of 500M elements before each
-    all-reduce: for a model under that size, one contiguous copy of all its gradients (+540 MB
-    for a 135M-parameter model in fp32, the whole gap to TRL's peak RSS in the SFT comparison), and
-    with one worker it copies them for a sum over one rank. One worker: no all-reduce at all (the
-    mean over one rank is the gradient itself). More workers: buckets of ALLREDUCE_BUCKET_NUMEL.
+    all-reduce: for a model under that size, one contiguous copy of all its gradients and a copy
+    back per optimizer step (540 MB each way for a 135M-parameter model in fp32), with one worker
+    for a sum over one rank. One worker: no all-reduce at all (the mean over one rank is the
+    gradient itself). More workers: buckets of ALLREDUCE_BUCKET_NUMEL.
     """
     import functools
 
