@@ -40,3 +40,47 @@ def test_lr_schedules():
     lin = lr_lambda("linear", warmup=0, total=10)
     assert lin(5) == pytest.approx(0.5) and lin(10) == pytest.approx(0.0)
     assert lr_lambda("constant", 0, 10)(7) == 1.0
+
+
+def test_one_worker_zero0_step_moves_a_parameter_without_gradient_like_deepspeeds_all_reduce(monkeypatch):
+    """ZeRO-0 on one rank skips DeepSpeed's all-reduce (train/step.py::_bounded_allreduce) but keeps what it
+    did besides: a trainable parameter that got no gradient this step gets zeros, so AdamW's weight decay
+    still moves it, as on every rank of a multi-worker run; the used one follows its gradient."""
+    import socket
+
+    import torch.distributed as dist
+
+    from lmflow_ray.train.step import _bounded_allreduce, deepspeed_for_training
+
+    class TwoParts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.used(x).sum()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):  # what Ray Train sets
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = TwoParts()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": 1,
+                  "zero_optimization": {"stage": 0},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5, "torch_adam": True}}}
+        engine, *_ = deepspeed_for_training().initialize(model=model, model_parameters=model.parameters(),
+                                                         config=config, dist_init_required=False)
+        _bounded_allreduce(engine)
+        engine.backward(engine(torch.ones(1, 4)))
+        engine.step()
+        after = dict(model.named_parameters())
+        # decoupled weight decay alone: w <- w * (1 - lr * wd)
+        assert torch.allclose(after["unused.weight"], before["unused.weight"] * (1 - 0.1 * 0.5), atol=1e-6)
+        assert not torch.allclose(after["used.weight"], before["used.weight"] * (1 - 0.1 * 0.5), atol=1e-3)
+    finally:
+        dist.destroy_process_group()

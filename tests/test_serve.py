@@ -58,16 +58,18 @@ def server(request, ray_session, smollm2, tiny_llama, tiny_adapter, smol_adapter
     vllm = parse_serve_config({"api_key_env": "UNSET_KEY_VAR", "models": [
         {"name": "smollm2", "path": str(smollm2), "engine": "vllm", "max_model_len": 1024, "kv_cache_gb": 1,
          "adapters": {"smol-lora": str(smol_adapter)}}]})
-    for name, cfg, prefix in [("main", main, "/"), ("tinyqueue", tiny_queue, "/tinyqueue"), ("vllm", vllm, "/vllm")]:
-        serve.run(build(cfg), name=name, route_prefix=prefix, blocking=False)
-    # The VLM's two tuning runs (when no earlier test made them) go on while those replicas load.
-    vlm_runs = request.getfixturevalue("vlm_runs")
-    vlm = parse_serve_config({"api_key_env": "UNSET_KEY_VAR", "models": [
-        {"name": "shapes-vlm", "path": str(vlm_runs["stage2"]), "num_cpus": 0.5, "torch_threads": 1,
-         "max_image_bytes": 8192}]})
-    serve.run(build(vlm), name="vlm", route_prefix="/vlm", blocking=False)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    try:
+        for name, cfg, prefix in [("main", main, "/"), ("tinyqueue", tiny_queue, "/tinyqueue"), ("vllm", vllm, "/vllm")]:
+            serve.run(build(cfg), name=name, route_prefix=prefix, blocking=False)
+        # The VLM's two tuning runs (when no earlier test made them) go on while those replicas load.
+        vlm_runs = request.getfixturevalue("vlm_runs")
+        vlm = parse_serve_config({"api_key_env": "UNSET_KEY_VAR", "models": [
+            {"name": "shapes-vlm", "path": str(vlm_runs["stage2"]), "num_cpus": 0.5, "torch_threads": 1,
+             "max_image_bytes": 8192}]})
+        serve.run(build(vlm), name="vlm", route_prefix="/vlm", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:  # also when the VLM runs fail: no replicas left holding the session cluster
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

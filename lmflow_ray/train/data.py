@@ -49,17 +49,23 @@ def split_eval(ds, eval_split: float, unit: str):
 # A dataset of at most this many instances is tokenized (and packed, shuffled) on the driver, which has
 # the tokenizer loaded: Ray Data's tasks would first start worker processes that import transformers
 # (~8 s on a cold cluster, measured on 2 cores) for work the driver does in well under a second.
+# Long documents go to the tasks whatever their count: at most DRIVER_TOKENIZED_CHARS of text here.
 DRIVER_TOKENIZED = 2048
+DRIVER_TOKENIZED_CHARS = 4_000_000
 
 
 def small_head(ds) -> dict | None:
     """All of `ds` as one numpy batch (the format `map_batches` hands its functions) when it holds at
-    most DRIVER_TOKENIZED rows, else None (reads no more than that many rows to find out)."""
+    most DRIVER_TOKENIZED rows and DRIVER_TOKENIZED_CHARS characters, else None (the read stops after
+    the first block beyond that many rows)."""
     try:
         head = ds.take_batch(DRIVER_TOKENIZED + 1, batch_format="numpy")
     except ValueError:  # no rows at all: the Ray Data path finds none either and says so
         return None
-    return head if len(next(iter(head.values()))) <= DRIVER_TOKENIZED else None
+    if len(next(iter(head.values()))) > DRIVER_TOKENIZED:
+        return None
+    chars = sum(len(str(x)) for column in head.values() for x in column)
+    return head if chars <= DRIVER_TOKENIZED_CHARS else None
 
 
 def shuffled_rows(columns: dict, seed: int, keep=None):

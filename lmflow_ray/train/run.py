@@ -330,8 +330,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                  "eval_rows": info["eval_rows"], "packing": info["packing"], "skipped_pairs": info.get("skipped")},
         "plan": {k: getattr(plan, k) for k in ("accumulation", "steps_per_epoch", "total_steps", "bf16")},
         "deepspeed": plan.ds_config,
-        "versions": {**{name.replace("-", "_"): version(name)
-                        for name in ("lmflow-ray", "ray", "torch", "transformers", "deepspeed")},
+        "versions": {"lmflow_ray": __import__("lmflow_ray").__version__,  # also when run from a source tree
+                     **{name: version(name) for name in ("ray", "torch", "transformers", "deepspeed")},
                      "python": platform.python_version()},
         "resumed_from": str(resume) if resume else None,
         "start_time": started, "end_time": time.time(), "final": final,

@@ -78,15 +78,31 @@ def _bounded_allreduce(engine) -> None:
     At stage 0 DeepSpeed flattens the gradients into buckets of 500M elements before each
     all-reduce: for a model under that size, one contiguous copy of all its gradients and a copy
     back per optimizer step (540 MB each way for a 135M-parameter model in fp32), with one worker
-    for a sum over one rank. One worker: no all-reduce at all (the mean over one rank is the
-    gradient itself). More workers: buckets of ALLREDUCE_BUCKET_NUMEL.
+    for a sum over one rank. More workers: buckets of ALLREDUCE_BUCKET_NUMEL. One worker: no
+    all-reduce (the mean over one rank is the gradient itself), only what DeepSpeed's all-reduce
+    does besides: the optimizer learns the accumulation boundary, and (fp32) a trainable parameter
+    without a gradient in this step gets zeros, so AdamW moves it as on every rank of a
+    multi-worker run (momentum, weight decay) instead of skipping it.
     """
     import functools
 
-    if engine.dp_world_size == 1:
-        engine.enable_backward_allreduce = False
-    else:
+    import torch
+
+    if engine.dp_world_size > 1:
         engine.allreduce_gradients = functools.partial(engine.allreduce_gradients, bucket_size=ALLREDUCE_BUCKET_NUMEL)
+        return
+    optimizer = engine.optimizer
+
+    def reduce_on_one_rank(*_args, **_kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        if hasattr(optimizer, "set_gradient_accumulation_boundary"):
+            optimizer.set_gradient_accumulation_boundary(boundary)
+        if boundary and not hasattr(optimizer, "get_grads_for_reduction"):  # bf16 keeps its own fp32 grads
+            for p in engine.module.parameters():
+                if p.requires_grad and p.grad is None and p.numel():
+                    p.grad = torch.zeros_like(p)
+
+    engine.allreduce_gradients = reduce_on_one_rank
 
 
 def all_sum(values: list[float]) -> list[float]:
