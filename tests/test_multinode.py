@@ -132,7 +132,10 @@ def _finetune_losing_node_2(repo, tmp_path, env, gcs, sets: dict, kill_after_ste
 
 def test_elastic_finetune_goes_on_after_a_node_dies(repo, tmp_path, tiny_llama, reference_zero2, slot_cluster):
     env, gcs = slot_cluster
-    code, text, out, killed_at = _finetune_losing_node_2(repo, tmp_path, env, gcs, {"scaling.num_workers": "[1, 2]"},
+    # Micro-batches of 2 (the same global batch of 16, the same mean loss): steps slow enough that node 2 dies
+    # mid-run, not after the last step (with micro-batches of 8 the run could outpace the kill).
+    code, text, out, killed_at = _finetune_losing_node_2(repo, tmp_path, env, gcs, {"scaling.num_workers": "[1, 2]",
+                                                                                    "train.micro_batch_size": 2},
                                                          kill_after_step=4)
     assert code == 0, text[-4000:]
     assert "1-2 worker(s)" in text and "on 1 worker(s)" in text, text[-4000:]  # resumed on the survivor
