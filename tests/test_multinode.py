@@ -113,29 +113,35 @@ def _finetune_losing_node_2(repo, tmp_path, env, gcs, sets: dict, kill_after_ste
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     with second_node(env, gcs, 2, {"slot": 1}) as node2:
         log = open(tmp_path / "run.log", "w+")
+        # Ray Train's controller takes a reported checkpoint in when it polls the workers (every 2 s by default):
+        # polled every 0.1 s here, so the kill follows the first checkpoint closely; a 16-step run of tiny-llama
+        # takes only a few seconds and could otherwise end before the kill.
         proc = subprocess.Popen([sys.executable, "-m", "lmflow_ray", "finetune", "--config", str(tmp_path / "cfg.yaml")],
-                                cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=repo, env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}, stdout=log,
+                                stderr=subprocess.STDOUT)
         deadline = time.time() + 600
         killed_at = None
         while proc.poll() is None:
             assert time.time() < deadline, "the run did not finish in 600 s"
-            if killed_at is None and (out / "metrics.jsonl").exists() and _registered_checkpoint(out):
+            # Node 2 dies once the run trains on both nodes and Ray Train holds a checkpoint.
+            if killed_at is None and "training on 2 worker(s)" in (tmp_path / "run.log").read_text() \
+                    and (out / "metrics.jsonl").exists() and _registered_checkpoint(out):
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 if rows and rows[-1]["step"] >= kill_after_step:
                     killed_at = rows[-1]["step"]
                     stop_head(node2, abrupt=True)  # node 2 and the worker on it are lost
-            time.sleep(0.2)
+            time.sleep(0.05)
     log.seek(0)
-    assert killed_at is not None, "node 2 was never killed"
+    assert killed_at is not None, f"node 2 was never killed (the run did not train on 2 workers?):\n{log.read()[-3000:]}"
     return proc.returncode, log.read(), out, killed_at
 
 
 def test_elastic_finetune_goes_on_after_a_node_dies(repo, tmp_path, tiny_llama, reference_zero2, slot_cluster):
     env, gcs = slot_cluster
-    # Micro-batches of 2 (the same global batch of 16, the same mean loss): steps slow enough that node 2 dies
+    # Micro-batches of 1 (the same global batch of 16, the same mean loss): slower steps, so node 2 dies
     # mid-run, not after the last step (with micro-batches of 8 the run could outpace the kill).
     code, text, out, killed_at = _finetune_losing_node_2(repo, tmp_path, env, gcs, {"scaling.num_workers": "[1, 2]",
-                                                                                    "train.micro_batch_size": 2},
+                                                                                    "train.micro_batch_size": 1},
                                                          kill_after_step=4)
     assert code == 0, text[-4000:]
     assert "1-2 worker(s)" in text and "on 1 worker(s)" in text, text[-4000:]  # resumed on the survivor

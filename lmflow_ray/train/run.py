@@ -290,6 +290,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         shards = {name: [TASKS[task_key].streamed(part, info) for part in ds.split(s.num_workers, equal=True)]
                   for name, ds in datasets.items()}
         datasets = {}
+    if s.elastic:
+        _refresh_cluster_view()
     if cfg.storage_path:  # `resume_from: OUT` finds them there
         (out / STORAGE_FILE).write_text(json.dumps({"checkpoints": f"{storage}/{run_name}"}) + "\n")
     trainer = TorchTrainer(
@@ -344,6 +346,23 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     print(f"[lmflow-ray] done: {out}/model  (steps {final.get('step')}, save check max|Δlogits| "
           f"{final.get('save_check_max_abs_diff')})", flush=True)
     return run
+
+
+def _refresh_cluster_view() -> None:
+    """Have the cluster's autoscaling coordinator re-read the nodes before an elastic run sizes itself.
+
+    Ray Train sizes an elastic worker group from the reservations of the cluster's long-lived
+    `AutoscalingCoordinator` actor, which re-reads the nodes only every 20 s: a node that joined just
+    before the run would be missed, and the run would start with fewer workers than the cluster has.
+    Best effort: the coordinator is Ray's internal actor (absent on a cluster that has not had one;
+    a new one reads the nodes when it starts)."""
+    import ray
+
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        ray.get(coordinator.get_reserved_resources.remote("lmflow-ray", recompute=True), timeout=10)
+    except Exception:  # noqa: BLE001 - absent, or an internal API that changed: Ray's own 20 s view stands
+        pass
 
 
 def _durable(ds, path: str):
