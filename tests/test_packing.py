@@ -117,24 +117,36 @@ def test_packed_block_logits_match_samples_alone(tiny_model):
     assert leaks[0] < 1e-4 and max(leaks[1:]) > 1e-3
 
 
-@pytest.mark.parametrize("data, packing", [("examples/data/sft_tiny.json", True),  # whole samples per block
-                                           ("examples/data/preference_tiny.json", "pairs")])  # RM / DPO pairs
-def test_small_data_tokenized_on_the_driver_gives_the_ray_data_rows(ray_session, repo, monkeypatch, data, packing):
-    """A dataset under DRIVER_TOKENIZED instances is tokenized and packed on the driver: the same rows
-    (as a multiset) as Ray Data's tasks make, shuffled the same way by the same seed on every build."""
+@pytest.mark.parametrize("limit", ["DRIVER_TOKENIZED", "DRIVER_TOKENIZED_CHARS"])  # instances, characters
+@pytest.mark.parametrize("job, data", [("sft", "examples/data/sft_tiny.json"),  # packed whole samples per block
+                                       ("pairs", "examples/data/preference_tiny.json")])  # RM / DPO pairs
+def test_small_data_tokenized_on_the_driver_gives_the_ray_data_rows(ray_session, repo, monkeypatch, job, data, limit):
+    """A dataset under DRIVER_TOKENIZED instances and DRIVER_TOKENIZED_CHARS characters is tokenized
+    (and packed) on the driver: the same rows (as a multiset) and skip counts as Ray Data's tasks make,
+    shuffled the same way by the same seed on every build. Over either limit, Ray Data's tasks do it."""
     from lmflow_ray.train import data as train_data
     from lmflow_ray.train.pairs import build_pair_dataset
 
+    on_driver, small_head = [], train_data.small_head
+
+    def watched(ds):
+        head = small_head(ds)
+        on_driver.append(head is not None)
+        return head
+
+    monkeypatch.setattr(train_data, "small_head", watched)
+
     def rows(seed: int) -> list:
         args = (str(repo / data), None, str(fetch_model("tiny-llama")), None, 64)
-        if packing == "pairs":
+        if job == "pairs":
             ds, _, info = build_pair_dataset(*args, seed)
         else:
-            ds, _, info = train_data.build_token_dataset(*args, packing, seed)
+            ds, _, info = train_data.build_token_dataset(*args, True, seed)
         return [tuple(tuple(np.asarray(r[k]).reshape(-1).tolist()) for k in sorted(r)) for r in ds.take_all()], info
 
     (here, info), (again, _), (other_seed, _) = rows(3), rows(3), rows(4)
-    monkeypatch.setattr(train_data, "DRIVER_TOKENIZED", 0)
+    monkeypatch.setattr(train_data, limit, 10)  # 10 instances or 10 characters: the data is over it
     in_tasks, info_in_tasks = rows(3)
+    assert on_driver == [True, True, True, False]
     assert len(here) > 8 and sorted(here) == sorted(in_tasks) and info == info_in_tasks
     assert here == again and here != other_seed

@@ -68,14 +68,12 @@ def small_head(ds) -> dict | None:
     return head if chars <= DRIVER_TOKENIZED_CHARS else None
 
 
-def shuffled_rows(columns: dict, seed: int, keep=None):
-    """A Ray Dataset of the rows of `columns` (equal-length lists), shuffled with the seed; `keep(row)`
-    filters them first."""
+def shuffled_rows(columns: dict, seed: int):
+    """A Ray Dataset of the rows of `columns` (equal-length lists), shuffled with the seed."""
     import numpy as np
     import ray.data
 
-    rows = [row for row in (dict(zip(columns, values)) for values in zip(*columns.values()))
-            if keep is None or keep(row)]
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
     # Blocks of ~16 MiB of token ids (the reader's block size; from_items would make one block per row).
     size = 8 * sum(len(v) for row in rows for v in row.values() if isinstance(v, (list, np.ndarray)))
     return ray.data.from_items([rows[i] for i in np.random.default_rng(seed).permutation(len(rows))],

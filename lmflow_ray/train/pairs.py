@@ -90,9 +90,22 @@ def _tokenize(batch, dtype: str, tokenizer_path: str, template: str | None, max_
     return tokenize_pairs_batch(batch, dtype, cached_tokenizer(tokenizer_path), template, max_length)
 
 
-def _keep(batch):
-    mask = batch["skip"] == ""
-    return {k: v[mask] for k, v in batch.items() if k != "skip"}
+def _keep(batch: dict) -> dict:
+    """The rows of `batch` (numpy columns, or the lists `tokenize_pairs_batch` returns) that are not skipped,
+    without the `skip` column."""
+    import numpy as np
+
+    kept = np.flatnonzero(np.asarray(batch["skip"]) == "")
+    return {k: v[kept] if isinstance(v, np.ndarray) else [v[i] for i in kept] for k, v in batch.items() if k != "skip"}
+
+
+def _count_skips(skip, skipped: dict) -> None:
+    """Add the reasons in the `skip` column to `skipped`."""
+    import numpy as np
+
+    skip = np.asarray(skip)
+    for reason in SKIP_REASONS:
+        skipped[reason] += int((skip == reason).sum())
 
 
 def build_pair_dataset(path: str, dtype: str | None, tokenizer_path: str, template: str | None, max_length: int,
@@ -109,15 +122,13 @@ def build_pair_dataset(path: str, dtype: str | None, tokenizer_path: str, templa
     head = small_head(ds)
     if head is not None:  # a small dataset: the same tokenization on the driver (train/data.py)
         out = _tokenize(head, dtype, tokenizer_path, template, max_length)
-        for reason in SKIP_REASONS:
-            skipped[reason] += out["skip"].count(reason)
-        ds = shuffled_rows(out, seed, keep=lambda row: not row.pop("skip"))
+        _count_skips(out["skip"], skipped)
+        ds = shuffled_rows(_keep(out), seed)
     else:
         ds = ds.map_batches(_tokenize, fn_args=(dtype, tokenizer_path, template, max_length), batch_format="numpy",
                             batch_size=256).materialize()
         for b in ds.select_columns(["skip"]).iter_batches(batch_format="numpy", batch_size=4096):
-            for reason in SKIP_REASONS:
-                skipped[reason] += int((b["skip"] == reason).sum())
+            _count_skips(b["skip"], skipped)
         ds = ds.map_batches(_keep, batch_format="numpy", batch_size=4096).materialize().random_shuffle(seed=seed)
     ds, eval_ds = split_eval(ds.materialize(), eval_split, "pairs")
     rows = ds.count()
