@@ -137,7 +137,7 @@ def run_project(model: str, data: Path, out: Path, args) -> dict:
         "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
         "train": {"num_epochs": 1, "micro_batch_size": args.micro_batch, "lr": args.lr, "lr_scheduler": "cosine",
                   "max_grad_norm": 1.0, "weight_decay": 0.0, "dtype": "float32", "logging_steps": 1,
-                  "save_steps": 0},
+                  "save_steps": 0, "gradient_checkpointing": args.gradient_checkpointing},
     }
     wall = time.time()
     run = run_finetune(load_config(FinetuneConfig, None, [], base=base))
@@ -208,6 +208,9 @@ def trl_main(spec_path: str) -> None:
         optim="adamw_torch", use_cpu=True, bf16=False, fp16=False, logging_steps=1, save_strategy="no", report_to=[],
         disable_tqdm=True, seed=spec["seed"], dataloader_num_workers=0, packing=True, max_length=spec["max_length"],
         completion_only_loss=True,
+        # TRL's SFTConfig turns activation checkpointing on by default (TRL 1.16); the project's default is off.
+        # Both sides get the same setting (--gradient-checkpointing), or the memory and speed compare two methods.
+        gradient_checkpointing=spec["gradient_checkpointing"],
     )
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
     packed = trainer.train_dataset
@@ -238,7 +241,8 @@ def _run_side(flag: str, name: str, spec: dict, tmp: Path, threads: int) -> dict
 def run_trl(model_path: str, examples: list[dict], blocks_per_step: int, tmp: Path, args) -> dict:
     return _run_side("--trl-spec", "trl", {
         "model_path": model_path, "examples": examples, "batch_size": blocks_per_step, "lr": args.lr,
-        "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "trl_out"), "max_length": args.max_length},
+        "seed": args.seed, "threads": args.threads, "output_dir": str(tmp / "trl_out"), "max_length": args.max_length,
+        "gradient_checkpointing": args.gradient_checkpointing},
         tmp, args.threads)
 
 
@@ -335,6 +339,9 @@ def main() -> dict:
                    help="packed/padded step pairs of the in-process cross-check (0: skip it)")
     # 1 by default: on a shared machine, 2 OpenMP threads on 2 cores stall whenever another process
     # runs (steps seen 50x slower than with 1 thread), which would swamp the comparison.
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing on the project's and TRL's side (TRL's own default is on; off here "
+                        "unless given, as the project's default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training process")
     p.add_argument("--sides", default="project,trl,baseline", help="which of project, trl, baseline to run")
     args = p.parse_args()
@@ -397,7 +404,8 @@ def main() -> dict:
     if peer:
         trl = {
             "settings": {"packing": True, "packing_strategy": "bfd (padding-free)", "completion_only_loss": True,
-                         "per_device_train_batch_size": args.micro_batch, "max_length": args.max_length},
+                         "per_device_train_batch_size": args.micro_batch, "max_length": args.max_length,
+                         "gradient_checkpointing": args.gradient_checkpointing},
             "steps": peer["steps"], "packed_sequences": peer["packed_sequences"],
             "train_runtime_s": round(peer["train_runtime_s"], 1), "wall_s_incl_startup": round(peer["wall_s"], 1),
             "real_tokens_per_s": round(real_tokens / peer["train_runtime_s"], 2),
@@ -416,7 +424,7 @@ def main() -> dict:
     return {
         "benchmark": "train_throughput", "model": MODELS[args.model], "samples": len(examples),
         "real_tokens": real_tokens, "sample_tokens": length_stats(lengths), "max_length": args.max_length,
-        "micro_batch_blocks": args.micro_batch, "threads": args.threads, "lr": args.lr,
+        "micro_batch_blocks": args.micro_batch, "threads": args.threads, "lr": args.lr, "gradient_checkpointing": args.gradient_checkpointing,
         "project": project, "trl": trl, "baseline": baseline,
         # ours / theirs for tokens/s and RSS; theirs / ours for wall time (> 1: we finish sooner)
         "ratio_vs_trl": ratios(trl), "ratio_vs_baseline": ratios(baseline),
