@@ -172,9 +172,11 @@ class Recipe:
         # metrics.jsonl and the trackers `logging:` turns on, on rank 0
         self.log = MetricsLog(self.out, "step", self.state["step"], cfg.logging, args["config"], plan.task) \
             if self.rank == 0 else None
-        if self.rank == 0:
+        if self.rank == 0 and self.state["step"]:
             print(f"[lmflow-ray] resumed at step {self.state['step']} (epoch {self.state['epoch']}) on {self.world} "
-                  "worker(s)" if self.state["step"] else f"[lmflow-ray] training on {self.world} worker(s)", flush=True)
+                  "worker(s)", flush=True)
+        elif self.rank == 0:
+            print(f"[lmflow-ray] training on {self.world} worker(s)", flush=True)
         self.lisa_layers = None
         if cfg.lisa.enabled:
             self._lisa()
